@@ -1,0 +1,1 @@
+"""transformers MoE models with engine layers: presets, per-architecture adapters, build/load."""

@@ -1,0 +1,155 @@
+"""MoELayer: router + experts + dispatch, the one sparse block behind every architecture.
+Shape legend in ``routing.py``.
+
+The layer takes ``hidden_BSD`` and returns ``out_BSD`` like the transformers block it replaces. It
+keeps the replaced block's parameter tensors and attribute names (``gate``/``router``, ``experts``,
+``shared_expert``...), so ``state_dict`` keys, ``save_pretrained`` and peft targets are unchanged.
+
+Auxiliary losses are attached to the output through autograd (see ``losses.AttachAuxLoss``): any
+loss computed from the model output also trains router balance. Their values, and cheap routing
+statistics, are kept after each forward in ``last_aux_loss`` / ``last_stats`` and passed to the
+routing hooks (``register_routing_hook``) that analytics attach.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moe_engine.moe import dispatch
+from moe_engine.moe.experts import Experts, activation, expert_mlp, expert_weights
+from moe_engine.moe.losses import AttachAuxLoss
+from moe_engine.moe.router import Router, RouterConfig
+from moe_engine.moe.routing import Routing, routing_stats
+
+RoutingHook = Callable[["MoELayer", Routing, torch.Tensor], None]
+
+
+@dataclass
+class MoEConfig:
+    """A standalone engine layer (benchmarks, custom models); fields equal params.yaml keys."""
+
+    hidden_size: int = 256
+    ffn_size: int = 512
+    act: str = "silu"
+    gated: bool = True
+    shared_expert_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def build(self) -> "MoELayer":
+        router = self.router.build(self.hidden_size)
+        experts = Experts(self.router.num_experts, self.hidden_size, self.ffn_size, self.act, self.gated)
+        shared = gate = None
+        if self.shared_expert_size:
+            shared = SharedExpert(self.hidden_size, self.shared_expert_size, self.act)
+            gate = nn.Linear(self.hidden_size, 1, bias=False) if self.shared_expert_gate else None
+        return MoELayer(router, experts, act=activation(self.act), shared_expert=shared, shared_expert_gate=gate)
+
+
+class SharedExpert(nn.Module):
+    """A dense SwiGLU MLP every token passes through (DeepSeekMoE, Qwen2-MoE)."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False)
+        self.act_fn = activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        router: Router,
+        experts: nn.Module,
+        *,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        router_name: str = "gate",
+        shared_expert: nn.Module | None = None,
+        shared_expert_name: str = "shared_expert",
+        shared_expert_gate: nn.Module | None = None,
+        expert_dropout: float = 0.0,
+        capacity_per_sequence: bool = True,
+    ):
+        super().__init__()
+        self.router_name, self.shared_expert_name = router_name, shared_expert_name
+        self.add_module(router_name, router)
+        self.experts = experts
+        if shared_expert is not None:
+            self.add_module(shared_expert_name, shared_expert)
+        if shared_expert_gate is not None:
+            self.shared_expert_gate = shared_expert_gate
+        self.act = act
+        self.expert_dropout = expert_dropout
+        self.capacity_per_sequence = capacity_per_sequence
+        self.num_experts = router.num_experts
+        self.top_k = router.top_k
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_stats: dict[str, tuple[torch.Tensor, str]] = {}
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()  # weak-referenceable, unlike dict
+
+    @property
+    def moe_router(self) -> Router:
+        return self._modules[self.router_name]
+
+    @property
+    def shared(self) -> nn.Module | None:
+        return self._modules.get(self.shared_expert_name)
+
+    def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """``hook(layer, routing, tokens_per_expert_E)`` runs after every forward (analytics)."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
+
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        shape = hidden_BSD.shape
+        x_TD = hidden_BSD.reshape(-1, shape[-1])
+        group = shape[-2] if (self.capacity_per_sequence and hidden_BSD.dim() == 3) else None
+        routing = self.moe_router(x_TD, group_size=group)
+        out_TD, counts_E = self.routed_experts(x_TD, routing)
+        shared = self.shared
+        if shared is not None:
+            shared_TD = shared(x_TD)
+            if hasattr(self, "shared_expert_gate"):
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+        out_TD = self._attach_aux_losses(out_TD, routing)
+        self.last_stats = routing_stats(routing, counts_E)
+        for hook in self._routing_hooks.values():
+            hook(self, routing, counts_E)
+        return out_TD.view(shape)
+
+    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out_TD, tokens_per_expert_E): dispatch, run every expert, combine."""
+        w_in, w_out, gated = expert_weights(self.experts)
+        plan = dispatch.plan(routing.expert_idx_A, self.num_experts, may_drop=routing.may_drop)
+        if routing.token_major:
+            x_AD = dispatch.permute(x_TD, plan, routing.top_k)
+            y_AD = expert_mlp(x_AD, plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training)
+            out_TD = dispatch.unpermute(y_AD, routing.weight_A, plan, routing.top_k)
+        else:  # expert choice: a token appears 0..E times, combine by index_add
+            token_A = routing.token_idx_A.index_select(0, plan.order_A)
+            y_AD = expert_mlp(x_TD.index_select(0, token_A), plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training)
+            y_AD = y_AD * routing.weight_A.index_select(0, plan.order_A)[:, None]
+            out_TD = torch.zeros_like(x_TD).index_add(0, token_A, y_AD.to(x_TD.dtype))
+        return out_TD, plan.counts_E
+
+    def _attach_aux_losses(self, out_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if not routing.aux_losses:
+            self.last_aux_loss = None
+            return out_TD
+        aux = torch.stack([v.float() for v in routing.aux_losses.values()]).sum()
+        self.last_aux_loss = aux.detach()
+        if aux.requires_grad:
+            out_TD = AttachAuxLoss.apply(out_TD, aux)
+        return out_TD

@@ -1,0 +1,53 @@
+"""Router auxiliary losses, per layer.
+
+Both are computed from one layer's router output; the layer scales them by their coefficient and
+by 1 / (number of MoE layers), so a model's total is ``coef * mean over layers`` — the same
+magnitude as transformers' ``router_aux_loss_coef``, which applies its coefficient once to a loss
+pooled over all layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss, eqs. (4)-(6) of Fedus et al. 2021 (GShard's form
+    for top-k): ``E * sum_e f_e * P_e``, with ``f_e`` the share of tokens assigned to expert e
+    (counting each of a token's K choices, so sum_e f_e = K) and ``P_e`` the mean router probability
+    of e. The minimum, K, is reached by uniform routing.
+
+    ``expert_idx_A`` are the choices *before* any capacity drop (as in Switch and transformers);
+    ``f_e`` carries no gradient, only ``P_e`` does.
+    """
+    num_tokens = probs_TE.shape[0]
+    counts_E = torch.bincount(expert_idx_A.flatten(), minlength=num_experts)[:num_experts]
+    f_E = counts_E.to(torch.float32) / num_tokens
+    p_E = probs_TE.float().mean(dim=0)
+    return num_experts * torch.sum(f_E * p_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss, eq. (5) of Zoph et al. 2022: mean over tokens of logsumexp(logits)^2.
+    Keeps router logits small, which keeps the fp32 softmax and bf16 training stable."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends gradient 1 into ``aux_loss``.
+
+    Attaching the aux loss to the layer's output (as Megatron-LM's MoEAuxLossAutoScaler does)
+    means any loss computed from the model output trains the router balance too: it cannot be
+    forgotten by a custom training loop, and it survives activation checkpointing, where the
+    forward is recomputed inside backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_x, torch.ones_like(aux_loss)

@@ -1,0 +1,79 @@
+"""What a router decides, as one small record, and the statistics derived from it.
+
+Shape legend (used in every file of ``moe_engine.moe``):
+    T tokens (batch * sequence, flattened)   D hidden size       E routed experts
+    K experts per token (top-k)              F expert hidden     A assignments (token, expert) pairs
+    C expert capacity                        S sequence length   B batch
+
+A router turns ``x_TD`` into a :class:`Routing`. Token-choice routers (top-k, Switch, DeepSeek)
+produce exactly ``A = T * K`` assignments in token-major order (assignment ``a`` belongs to token
+``a // K``); an assignment that a capacity limit dropped keeps its slot with ``expert_idx == E``
+(a sentinel that sorts behind every real expert) and weight 0. Expert-choice routing, where a
+token may be picked by any number of experts, gives ``token_idx_A`` explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# How a metric is reduced across data-parallel ranks (OLMo-core's router.compute_metrics idea):
+# the trainer all-reduces each value with this op before logging.
+SUM, MEAN, MAX = "sum", "mean", "max"
+
+
+@dataclass
+class Routing:
+    expert_idx_A: torch.Tensor  # long [A]; value E marks a dropped assignment
+    weight_A: torch.Tensor  # [A] combine weight of each assignment (0 where dropped)
+    logits_TE: torch.Tensor  # raw router logits, for z-loss and analytics
+    probs_TE: torch.Tensor  # float32 scores the choice was made from (softmax or sigmoid)
+    num_experts: int
+    top_k: int  # K for token-choice routers; average experts per token for expert choice
+    token_idx_A: torch.Tensor | None = None  # None: token-major layout, token = a // K
+    may_drop: bool = False  # True when a capacity limit may have dropped assignments
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already scaled by coef
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits_TE.shape[0]
+
+    @property
+    def token_major(self) -> bool:
+        return self.token_idx_A is None
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """long [E]: assignments each expert received after any capacity drop."""
+        counts = torch.bincount(self.expert_idx_A, minlength=self.num_experts + 1)
+        return counts[: self.num_experts]
+
+    def num_dropped(self) -> torch.Tensor:
+        return (self.expert_idx_A == self.num_experts).sum()
+
+    def topk_idx_TK(self) -> torch.Tensor:
+        """long [T, K]: the experts each token chose (sentinel E where dropped). Token-major only."""
+        if not self.token_major:
+            raise ValueError("expert-choice routing has no fixed top-k per token")
+        return self.expert_idx_A.view(self.num_tokens, self.top_k)
+
+
+def routing_stats(routing: Routing, tokens_per_expert_E: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+    """Cheap per-step statistics, detached: name -> (value, how to reduce across ranks).
+
+    Load imbalance is max/mean tokens per expert (1.0 is perfect balance; E/K means every token went
+    to the same K experts), the quantity Switch Transformer's auxiliary loss pushes towards 1.
+    """
+    with torch.no_grad():
+        counts_E = routing.tokens_per_expert() if tokens_per_expert_E is None else tokens_per_expert_E
+        counts_E = counts_E.float()
+        mean = counts_E.mean().clamp_min(1e-9)
+        stats: dict[str, tuple[torch.Tensor, str]] = {
+            "tokens_per_expert": (counts_E, SUM),
+            "load_imbalance": (counts_E.max() / mean, MAX),
+            "dropped_fraction": (routing.num_dropped().float() / max(routing.expert_idx_A.numel(), 1), MEAN),
+            "dead_expert_fraction": ((counts_E == 0).float().mean(), MEAN),
+        }
+        for name, value in routing.aux_losses.items():
+            stats[name] = (value.detach().float(), MEAN)
+    return stats

@@ -1,0 +1,42 @@
+import torch
+
+from moe_engine.moe import dispatch
+
+
+def _plan(T=6, K=2, E=3, drop=False):
+    expert_idx_A = torch.randint(0, E, (T * K,))
+    if drop:
+        expert_idx_A[::5] = E
+    return expert_idx_A, dispatch.plan(expert_idx_A, E, may_drop=drop)
+
+
+def test_plan_sorts_by_expert_and_counts():
+    expert_idx_A, p = _plan(drop=True)
+    assert torch.all(expert_idx_A[p.order_A][:-1] <= expert_idx_A[p.order_A][1:])
+    assert p.counts_E.tolist() == [(expert_idx_A == e).sum().item() for e in range(3)]
+    assert torch.equal(p.order_A[p.inverse_A], torch.arange(12))
+
+
+def test_permute_and_unpermute_gradients_match_finite_differences():
+    _, p = _plan()
+    x_TD = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w_TK = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: dispatch.permute(x, p, 2), (x_TD,))
+    y_AD = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, w: dispatch.unpermute(y, w.reshape(-1), p, 2), (y_AD, w_TK))
+
+
+def test_permute_then_unpermute_with_unit_weights_sums_k_copies():
+    _, p = _plan()
+    x_TD = torch.randn(6, 4)
+    out = dispatch.unpermute(dispatch.permute(x_TD, p, 2), torch.ones(12), p, 2)
+    torch.testing.assert_close(out, 2 * x_TD)
+
+
+def test_dropped_rows_are_zeroed_even_if_they_hold_nan():
+    expert_idx_A, p = _plan(drop=True)
+    y_AD = torch.randn(12, 4)
+    y_AD[~p.valid_A] = float("nan")  # what an unwritten GEMM row may hold
+    weight_A = torch.where(expert_idx_A == 3, 0.0, 1.0)
+    out = dispatch.unpermute(y_AD, weight_A, p, 2)
+    assert torch.isfinite(out).all()
