@@ -157,7 +157,7 @@ def _jsonl_documents(path: Path, raw: bytes, domain: str, cfg: IngestConfig) -> 
     if problems:
         total = len(rows) + sum(len(v) for v in problems.values())
         raise IngestError(f"{path}: " + "; ".join(
-            f"{len(lines)} of {total} rows {what} (lines {_few(lines)})" for what, lines in problems.items()
+            f"{len(lines)} of {total} rows {what} ({_few(lines, 'line')})" for what, lines in problems.items()
         ))
     for i, (_, row, n_bytes, bad) in enumerate(rows):
         text = row[cfg.text_field]
@@ -185,7 +185,7 @@ def _parquet_documents(path: Path, raw: bytes, domain: str, cfg: IngestConfig) -
     missing = [i for i, row in enumerate(rows) if row[cfg.text_field] is None]
     if missing:
         raise IngestError(
-            f"{path}: {len(missing)} of {len(rows)} rows have a null '{cfg.text_field}' (rows {_few(missing)})"
+            f"{path}: {len(missing)} of {len(rows)} rows have a null '{cfg.text_field}' ({_few(missing, 'row')})"
         )
     for i, row in enumerate(rows):
         value = row[cfg.text_field]
@@ -199,8 +199,10 @@ def _row_domain(row: dict, default: str, cfg: IngestConfig) -> str:
     return str(value) if value not in (None, "") else default
 
 
-def _few(items: list[int], n: int = 5) -> str:
-    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+def _few(items: list[int], noun: str, n: int = 5) -> str:
+    """'line 4' / 'lines 2, 3, ...': where the problems are, without flooding the message."""
+    listed = ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+    return f"{noun}{'s' if len(items) > 1 else ''} {listed}"
 
 
 READERS = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}

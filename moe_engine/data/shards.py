@@ -199,6 +199,30 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, f.tell()
 
 
+def shard_problem(path: Path, shard: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(rule, description, example) if a shard file's structure does not match its manifest
+    entry (missing, unreadable header, shape/dtype, truncated); None if it does. Cheap: reads
+    only the header."""
+    file = path / shard["file"]
+    if not file.is_file():
+        return "missing_shard", "every shard in the manifest exists", f"{file.name} not found"
+    try:
+        shape, dtype, offset = _header(file)
+    except (ValueError, OSError) as exc:
+        return "unreadable_shard", "shard has a valid .npy header", f"{file.name}: {exc}"
+    want = (shard["sequences"], manifest["seq_len"])
+    if tuple(shape) != want or dtype != np.dtype(manifest["dtype"]):
+        return ("shape_mismatch", f"shape == [sequences, {manifest['seq_len']}] and dtype == {manifest['dtype']}",
+                f"{file.name}: shape {list(shape)} {dtype}, manifest {list(want)}")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    size = file.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        return ("truncated_shard", "file size == header + sequences * seq_len * itemsize",
+                f"{file.name} {what}: {size} bytes, expected {expected}")
+    return None
+
+
 def verify_shards(path: str | Path, check_hash: bool = True, check_ids: bool = True) -> dict[str, Any]:
     """Check every shard against the manifest; raise ShardIntegrityError listing all problems.
 
@@ -208,7 +232,7 @@ def verify_shards(path: str | Path, check_hash: bool = True, check_ids: bool = T
 
     path = Path(path)
     manifest = read_manifest(path)
-    vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
+    vocab = manifest["vocab_size"]
     found: dict[str, tuple[str, list[str], list[str]]] = {}  # rule -> (description, files, examples)
 
     def fail(rule: str, description: str, file: str, example: str) -> None:
@@ -216,28 +240,12 @@ def verify_shards(path: str | Path, check_hash: bool = True, check_ids: bool = T
         entry[1].append(file)
         entry[2].append(example)
 
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             file = path / shard["file"]
-            if not file.is_file():
-                fail("missing_shard", "every shard in the manifest exists", str(file), f"{file.name} not found")
-                continue
-            try:
-                shape, dtype, offset = _header(file)
-            except (ValueError, OSError) as exc:
-                fail("unreadable_shard", "shard has a valid .npy header", str(file), f"{file.name}: {exc}")
-                continue
-            want = (shard["sequences"], seq_len)
-            if tuple(shape) != want or dtype != np.dtype(manifest["dtype"]):
-                fail("shape_mismatch", f"shape == [sequences, {seq_len}] and dtype == {manifest['dtype']}",
-                     str(file), f"{file.name}: shape {list(shape)} {dtype}, manifest {list(want)}")
-                continue
-            expected = offset + int(np.prod(shape)) * dtype.itemsize
-            size = file.stat().st_size
-            if size != expected:
-                what = "truncated" if size < expected else "has trailing bytes"
-                fail("truncated_shard", "file size == header size + rows * seq_len * itemsize",
-                     str(file), f"{file.name} {what}: {size} bytes, expected {expected}")
+            problem = shard_problem(path, shard, manifest)
+            if problem:
+                fail(problem[0], problem[1], str(file), problem[2])
                 continue
             if check_hash and (digest := file_sha256(file)) != shard["sha256"]:
                 fail("sha256_mismatch", "sha256 of the shard equals the manifest's", str(file),

@@ -31,8 +31,10 @@ def plan(expert_idx_A: torch.Tensor, num_experts: int, may_drop: bool) -> Dispat
     sorted_expert_A, order_A = torch.sort(expert_idx_A, stable=True)
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    counts_E = torch.bincount(expert_idx_A, minlength=num_experts + 1)[:num_experts]
-    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    # Group ends straight from the sorted ids: no bincount, whose output size forces a GPU->host sync.
+    experts_E = torch.arange(1, num_experts + 1, device=expert_idx_A.device, dtype=sorted_expert_A.dtype)
+    offsets_E = torch.searchsorted(sorted_expert_A, experts_E).to(torch.int32)
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
     valid_A = (sorted_expert_A < num_experts) if may_drop else None
     return DispatchPlan(order_A, inverse_A, counts_E, offsets_E, valid_A)
 

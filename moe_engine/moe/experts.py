@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.moe.dispatch import DispatchPlan
+from moe_engine.moe.swiglu import swiglu
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -94,7 +95,9 @@ def expert_mlp(
 ) -> torch.Tensor:
     """Each expert's MLP on its rows: down(act(gate) * up) when gated, else down(act(up))."""
     h_AH = grouped_linear(x_AD, w_in_EHD, p)
-    if gated:
+    if gated and act is F.silu:
+        h_AF = swiglu(h_AH)  # fused Triton kernel on CUDA
+    elif gated:
         gate_AF, up_AF = h_AH.chunk(2, dim=-1)
         h_AF = act(gate_AF) * up_AF
     else:

@@ -21,8 +21,12 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_
     ``f_e`` carries no gradient, only ``P_e`` does.
     """
     num_tokens = probs_TE.shape[0]
-    counts_E = torch.bincount(expert_idx_A.flatten(), minlength=num_experts)[:num_experts]
-    f_E = counts_E.to(torch.float32) / num_tokens
+    idx_A = expert_idx_A.flatten()
+    # scatter_add instead of bincount: fixed output size, so no GPU->host sync on the hot path
+    counts_E = torch.zeros(num_experts, device=idx_A.device, dtype=torch.float32).scatter_add_(
+        0, idx_A, torch.ones_like(idx_A, dtype=torch.float32)
+    )
+    f_E = counts_E / num_tokens
     p_E = probs_TE.float().mean(dim=0)
     return num_experts * torch.sum(f_E * p_E)
 

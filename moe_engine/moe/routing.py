@@ -45,8 +45,8 @@ class Routing:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """long [E]: assignments each expert received after any capacity drop."""
-        counts = torch.bincount(self.expert_idx_A, minlength=self.num_experts + 1)
-        return counts[: self.num_experts]
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=self.expert_idx_A.device)
+        return counts.scatter_add_(0, self.expert_idx_A, torch.ones_like(self.expert_idx_A))[: self.num_experts]
 
     def num_dropped(self) -> torch.Tensor:
         return (self.expert_idx_A == self.num_experts).sum()
