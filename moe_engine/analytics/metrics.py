@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from moe_engine.moe.losses import load_balancing_loss, router_z_loss
+from moe_engine.moe.losses import router_z_loss
 
 
 def token_index(num_assignments: int, top_k: int, token_idx_A: torch.Tensor | None, device=None) -> torch.Tensor:
@@ -95,11 +95,14 @@ def drop_rate(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     return (expert_idx_A == num_experts).float().mean()
 
 
-def balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Unscaled Switch/GShard load-balancing loss E * sum_e f_e P_e (Fedus et al. 2021, eqs. 4-6),
-    the engine's own ``load_balancing_loss``: K at perfect balance, about E when routing collapses.
-    Here f_e counts the assignments after any capacity drop (analytics see no pre-drop choice)."""
-    return load_balancing_loss(probs_TE, expert_idx_A, num_experts).detach()
+def balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Unscaled Switch/GShard load-balancing loss E * sum_e f_e P_e (Fedus et al. 2021, eqs. 4-6;
+    the engine's ``moe.losses.load_balancing_loss``), with f_e = counts_E / T and P_e the mean
+    router probability: K at perfect balance, about E when routing collapses. Analytics see only
+    the counts after any capacity drop, so on capacity paths f_e excludes dropped assignments."""
+    num_tokens, num_experts = probs_TE.shape
+    f_E = counts_E.float() / max(num_tokens, 1)
+    return num_experts * (f_E * probs_TE.detach().float().mean(0)).sum()
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ Public API:
     state = ds.state_dict()   # resume exactly: ds.load_state_dict(state)
 
     make_tokenizer(sources, out_dir, config) -> Path      # HF tokenizer dir (AutoTokenizer loads it)
-    validate(path_or_sources, config, report_dir) -> dict # re-check shards or raw sources
+    validate_data(path_or_sources, config, report_dir) -> dict  # re-check shards or raw sources
     DataConfig.from_dict(params["data"]) / load_params("params.yaml")  # typed sections
 
 Every user-facing problem raises a `DataError` subclass (errors.py) with a readable message;
@@ -30,7 +30,7 @@ from moe_engine.data.errors import (ConfigError, DataError, DataValidationError,
                                     ShardIntegrityError, TokenizerError)
 
 __all__ = [
-    "prepare", "make_tokenizer", "validate", "ShardDataset",
+    "prepare", "make_tokenizer", "validate_data", "ShardDataset",
     "DataConfig", "IngestConfig", "TokenizerConfig", "ShardsConfig", "ValidationConfig", "load_params",
     "DataError", "ConfigError", "IngestError", "TokenizerError", "DataValidationError", "ShardIntegrityError",
 ]
@@ -39,7 +39,7 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy: the pipeline pulls in numpy/tokenizers and the loader torch; the CLI's --help
     # and config checks should not pay for that.
-    if name in ("prepare", "make_tokenizer", "validate"):
+    if name in ("prepare", "make_tokenizer", "validate_data"):
         from moe_engine.data import pipeline
 
         return getattr(pipeline, name)

@@ -64,9 +64,9 @@ def _shards(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from moe_engine.data.pipeline import validate
+    from moe_engine.data.pipeline import validate_data
 
-    summary = validate(args.paths, _config(args), args.report)
+    summary = validate_data(args.paths, _config(args), args.report)
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics).write_text(json.dumps(summary, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
     prepare(sources=None, out_dir="outputs/data", config=None, tokenizer=None) -> Path
     make_tokenizer(sources, out_dir, config=None) -> Path
-    validate(path_or_sources, config=None, report_dir=None) -> dict
+    validate_data(path_or_sources, config=None, report_dir=None) -> dict
 
 Outputs are built in a hidden sibling directory and renamed into place only after every
 check passed, so a directory with a manifest.json is complete and valid; a failed run
@@ -143,7 +143,7 @@ def _write_shards(docs: Sequence[Document], tok_dir: Path, tmp: Path, out_dir: P
     verify_shards(tmp)
 
 
-def validate(path_or_sources: Sequence[SourceLike], config: DataConfig | None = None,
+def validate_data(path_or_sources: Sequence[SourceLike], config: DataConfig | None = None,
              report_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate a shards directory (integrity + its document table) or raw sources.
 

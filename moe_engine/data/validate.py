@@ -143,6 +143,7 @@ def great_expectations_report(df: pd.DataFrame, cfg: ValidationConfig, vocab_siz
     """Run the suite on `df` and write Data Docs to `report_dir`; (failures, index.html)."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
     from great_expectations.data_context.types.base import (
         DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig)
 
@@ -165,7 +166,7 @@ def great_expectations_report(df: pd.DataFrame, cfg: ValidationConfig, vocab_siz
         gxe.ExpectColumnValuesToBeBetween(column="control_share", max_value=cfg.max_control_share,
                                           meta=rule("binary_content")),
         gxe.ExpectColumnValuesToBeBetween(column="n_chars", min_value=cfg.min_chars, max_value=cfg.max_chars,
-                                          row_condition="n_chars > 0", condition_parser="pandas",
+                                          row_condition=Column("n_chars") > 0,
                                           meta=rule("length_bounds")),
         gxe.ExpectColumnValuesToMatchRegex(column="sha1", regex="^[0-9a-f]{40}$", meta=rule("sha1_hex")),
     ] + [gxe.ExpectColumnValuesToNotBeNull(column=c, meta=rule("not_null")) for c in ("source", "domain")]

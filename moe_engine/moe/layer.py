@@ -94,7 +94,7 @@ class MoELayer(nn.Module):
         self.num_experts = router.num_experts
         self.top_k = router.top_k
         self.last_aux_loss: torch.Tensor | None = None
-        self.last_stats: dict[str, tuple[torch.Tensor, str]] = {}
+        self._last_routing: tuple[Routing, torch.Tensor] | None = None
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()  # weak-referenceable, unlike dict
 
     @property
@@ -104,6 +104,11 @@ class MoELayer(nn.Module):
     @property
     def shared(self) -> nn.Module | None:
         return self._modules.get(self.shared_expert_name)
+
+    @property
+    def last_stats(self) -> dict[str, tuple[torch.Tensor, str]]:
+        """Routing statistics of the last forward, computed on first access (off the hot path)."""
+        return routing_stats(*self._last_routing) if self._last_routing is not None else {}
 
     def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """``hook(layer, routing, tokens_per_expert_E)`` runs after every forward (analytics)."""
@@ -124,7 +129,7 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
         out_TD = self._attach_aux_losses(out_TD, routing)
-        self.last_stats = routing_stats(routing, counts_E)
+        self._last_routing = (routing.detached(), counts_E)
         for hook in self._routing_hooks.values():
             hook(self, routing, counts_E)
         return out_TD.view(shape)

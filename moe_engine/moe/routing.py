@@ -14,7 +14,7 @@ token may be picked by any number of experts, gives ``token_idx_A`` explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +34,16 @@ class Routing:
     token_idx_A: torch.Tensor | None = None  # None: token-major layout, token = a // K
     may_drop: bool = False  # True when a capacity limit may have dropped assignments
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already scaled by coef
+
+    def detached(self) -> "Routing":
+        """The same record without autograd history (kept between steps without holding graphs)."""
+        return replace(
+            self,
+            weight_A=self.weight_A.detach(),
+            logits_TE=self.logits_TE.detach(),
+            probs_TE=self.probs_TE.detach(),
+            aux_losses={k: v.detach() for k, v in self.aux_losses.items()},
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -60,8 +60,8 @@ class _FusedSwiGLU(torch.autograd.Function):
     def forward(ctx, h_A2F):
         triton, fwd, _ = _kernels()
         h_A2F = h_A2F.contiguous()
-        rows, width = h_A2F.shape
-        out_AF = h_A2F.new_empty(rows, width // 2)
+        width = h_A2F.shape[-1]
+        out_AF = h_A2F.new_empty(*h_A2F.shape[:-1], width // 2)
         n = out_AF.numel()
         fwd[(triton.cdiv(n, _BLOCK),)](h_A2F, out_AF, n, width // 2, BLOCK=_BLOCK)
         ctx.save_for_backward(h_A2F)
@@ -74,7 +74,7 @@ class _FusedSwiGLU(torch.autograd.Function):
         grad_AF = grad_AF.contiguous()
         grad_A2F = torch.empty_like(h_A2F)
         n = grad_AF.numel()
-        bwd[(triton.cdiv(n, _BLOCK),)](h_A2F, grad_AF, grad_A2F, n, h_A2F.shape[1] // 2, BLOCK=_BLOCK)
+        bwd[(triton.cdiv(n, _BLOCK),)](h_A2F, grad_AF, grad_A2F, n, h_A2F.shape[-1] // 2, BLOCK=_BLOCK)
         return grad_A2F
 
 

@@ -102,3 +102,9 @@ def gpt2_dir(shared_data: Path, tmp_path_factory) -> Path:
     (out / "tokenizer.json").write_bytes(lzma.decompress((src / "tokenizer.json.xz").read_bytes()))
     shutil.copy(src / "tokenizer_config.json", out)
     return out
+
+
+@pytest.fixture
+def make_config():
+    """tiny_config as a fixture, so test modules need not import conftest."""
+    return tiny_config
