@@ -30,7 +30,9 @@ def main():
             if args.fwd_only:
                 with torch.no_grad():
                     module(x)
-            else:
+            else:  # grads set to None as in training, so no accumulation kernels are counted
+                for p in list(module.parameters()) + [x]:
+                    p.grad = None
                 module(x).backward(g)
 
         for _ in range(3):

@@ -92,7 +92,9 @@ def main() -> None:
         "benchmark": "tokenize_throughput",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default")},
+                    "cpu_count": os.cpu_count(), "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default"),
+                    # Other processes on a shared machine slow every number down: record it.
+                    "load_avg_1min_before": round(os.getloadavg()[0], 2)},
         "versions": {"python": platform.python_version(), "tokenizers": tokenizers.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__},
         "corpus": {"path": os.path.relpath(args.corpus, REPO), "documents": len(docs), "chunks": len(chunks),
@@ -117,6 +119,7 @@ def main() -> None:
             start = time.perf_counter()
             prepare(None, tmp / "demo", DataConfig())  # default config incl. Great Expectations Data Docs
             results["prepare_demo_wall_s"] = round(time.perf_counter() - start, 2)
+    results["machine"]["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

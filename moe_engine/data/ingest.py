@@ -37,7 +37,7 @@ class Source:
     domain: str | None = None  # None: derived from the path (see IngestConfig.domain_by)
 
     @classmethod
-    def parse(cls, spec: "str | Path | Source") -> "Source":
+    def parse(cls, spec: str | Path | Source) -> Source:
         """'PATH' or 'DOMAIN=PATH' (an existing path containing '=' is taken as a path)."""
         if isinstance(spec, Source):
             return spec
@@ -56,10 +56,6 @@ class Document:
     domain: str
     n_bytes: int  # raw size before decoding
     invalid_utf8: int  # invalid UTF-8 sequences, replaced by U+FFFD
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}#{self.index}"
 
 
 def stem(path: Path) -> str:
@@ -208,7 +204,7 @@ def _few(items: list[int], noun: str, n: int = 5) -> str:
 READERS = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}
 
 
-def iter_documents(sources: Iterable["str | Path | Source"], cfg: IngestConfig | None = None,
+def iter_documents(sources: Iterable[str | Path | Source], cfg: IngestConfig | None = None,
                    progress: bool = False) -> Iterator[Document]:
     """Documents of all sources, in order (sources as given, files sorted within folders)."""
     from tqdm.auto import tqdm
@@ -223,7 +219,7 @@ def iter_documents(sources: Iterable["str | Path | Source"], cfg: IngestConfig |
         yield from READERS[format_of(path)](path, read_bytes(path), domain, cfg)
 
 
-def read_documents(sources: Iterable["str | Path | Source"], cfg: IngestConfig | None = None,
+def read_documents(sources: Iterable[str | Path | Source], cfg: IngestConfig | None = None,
                    progress: bool = False) -> list[Document]:
     sources = list(sources)
     docs = list(iter_documents(sources, cfg, progress))

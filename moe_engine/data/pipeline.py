@@ -80,7 +80,7 @@ def make_tokenizer(sources: Sequence[SourceLike] | None, out_dir: str | Path,
     config = config or DataConfig()
     docs = [] if config.tokenizer.pretrained else ingest(sources, config, progress)
     with atomic_dir(out_dir) as tmp:
-        build_tokenizer(_training_texts(docs, config), config.tokenizer, tmp)
+        build_tokenizer(_training_texts(docs, config), config.tokenizer, tmp, progress)
     return Path(out_dir)
 
 
@@ -94,6 +94,7 @@ def prepare(sources: Sequence[SourceLike] | None = None, out_dir: str | Path = "
     `config.tokenizer` (train a BPE, or copy `tokenizer.pretrained`)."""
     config = config or DataConfig()
     out_dir = Path(out_dir)
+    sources = [Source.parse(s) for s in (sources or demo_sources())]
     docs = ingest(sources, config, progress)
     with atomic_dir(out_dir) as tmp:
         tok_dir = tmp / "tokenizer"
@@ -101,12 +102,12 @@ def prepare(sources: Sequence[SourceLike] | None = None, out_dir: str | Path = "
             load_tokenizer(tokenizer)  # fail early and readably if it is not one
             shutil.copytree(tokenizer, tok_dir)
         else:
-            build_tokenizer(_training_texts(docs, config), config.tokenizer, tok_dir)
-        _write_shards(docs, tok_dir, tmp, out_dir, config, progress)
+            build_tokenizer(_training_texts(docs, config), config.tokenizer, tok_dir, progress)
+        _write_shards(sources, docs, tok_dir, tmp, out_dir, config, progress)
     return out_dir
 
 
-def _write_shards(docs: Sequence[Document], tok_dir: Path, tmp: Path, out_dir: Path,
+def _write_shards(sources: Sequence[Source], docs: Sequence[Document], tok_dir: Path, tmp: Path, out_dir: Path,
                   config: DataConfig, progress: bool) -> None:
     encoder = Encoder(load_tokenizer(tok_dir))
     splits, token_stats_D3 = write_shards(docs, encoder, config.shards, config.ingest.ood_domains, tmp, progress)
@@ -130,7 +131,7 @@ def _write_shards(docs: Sequence[Document], tok_dir: Path, tmp: Path, out_dir: P
         "vocab_size": encoder.vocab_size,
         "eos_id": encoder.eos_id,
         "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_hash(tok_dir)},
-        "sources": sorted({d.source for d in docs}),
+        "sources": [f"{s.domain}={s.path}" if s.domain else str(s.path) for s in sources],
         "documents": len(docs),
         "tokens": sum(s["tokens"] for s in splits.values()),
         "domains": {name: {"documents": int(row.documents), "chars": int(row.chars),
@@ -144,7 +145,7 @@ def _write_shards(docs: Sequence[Document], tok_dir: Path, tmp: Path, out_dir: P
 
 
 def validate_data(path_or_sources: Sequence[SourceLike], config: DataConfig | None = None,
-             report_dir: str | Path | None = None) -> dict[str, Any]:
+                  report_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate a shards directory (integrity + its document table) or raw sources.
 
     Raises DataValidationError / ShardIntegrityError; returns summary metrics."""

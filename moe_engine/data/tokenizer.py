@@ -9,6 +9,7 @@ never produces unknown tokens: any byte string is representable.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +19,7 @@ from moe_engine.data.config import TokenizerConfig
 from moe_engine.data.errors import TokenizerError
 
 
-def train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> Any:
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, progress: bool = False) -> Any:
     """Train a byte-level BPE on `texts`; returns an HF fast tokenizer (not yet saved)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -31,7 +32,7 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> Any:
         min_frequency=cfg.min_frequency,
         special_tokens=[cfg.eos_token, cfg.pad_token],  # ids 0 and 1
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-        show_progress=False,
+        show_progress=progress and sys.stderr.isatty(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.eos_token, pad_token=cfg.pad_token)
@@ -50,12 +51,13 @@ def load_tokenizer(path: str | Path) -> Any:
         raise TokenizerError(f"{path}: cannot load tokenizer ({type(exc).__name__}: {exc})") from None
 
 
-def build_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path) -> Path:
+def build_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path,
+                    progress: bool = False) -> Path:
     """Train (or copy `cfg.pretrained`) and save an HF tokenizer directory at `out_dir`.
 
     Writes in place; callers that need all-or-nothing output write to a temporary directory
     (see pipeline.atomic_dir)."""
-    tok = load_tokenizer(cfg.pretrained) if cfg.pretrained else train_bpe(texts, cfg)
+    tok = load_tokenizer(cfg.pretrained) if cfg.pretrained else train_bpe(texts, cfg, progress)
     if tok.eos_token_id is None:
         raise TokenizerError(
             f"{cfg.pretrained}: tokenizer has no eos token, which is needed to separate documents"

@@ -129,7 +129,7 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
         out_TD = self._attach_aux_losses(out_TD, routing)
-        self._last_routing = (routing.detached(), counts_E)
+        self._last_routing = (routing.detached() if torch.is_grad_enabled() else routing, counts_E)
         for hook in self._routing_hooks.values():
             hook(self, routing, counts_E)
         return out_TD.view(shape)

@@ -14,7 +14,7 @@ token may be picked by any number of experts, gives ``token_idx_A`` explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,12 +37,16 @@ class Routing:
 
     def detached(self) -> "Routing":
         """The same record without autograd history (kept between steps without holding graphs)."""
-        return replace(
-            self,
-            weight_A=self.weight_A.detach(),
-            logits_TE=self.logits_TE.detach(),
-            probs_TE=self.probs_TE.detach(),
-            aux_losses={k: v.detach() for k, v in self.aux_losses.items()},
+        return Routing(
+            self.expert_idx_A,
+            self.weight_A.detach(),
+            self.logits_TE.detach(),
+            self.probs_TE.detach(),
+            self.num_experts,
+            self.top_k,
+            self.token_idx_A,
+            self.may_drop,
+            {k: v.detach() for k, v in self.aux_losses.items()},
         )
 
     @property

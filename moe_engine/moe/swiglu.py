@@ -91,6 +91,7 @@ FUSED = {"enabled": True}  # benchmarks flip this to measure the eager path side
 
 
 def swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
-    if FUSED["enabled"] and h_A2F.is_cuda and triton_available():
+    # Below ~1M elements (decode, tiny batches) a Triton launch costs more than it saves.
+    if FUSED["enabled"] and h_A2F.is_cuda and h_A2F.numel() >= (1 << 20) and triton_available():
         return _FusedSwiGLU.apply(h_A2F)
     return swiglu_reference(h_A2F)
