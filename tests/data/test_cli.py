@@ -94,3 +94,16 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path: Path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: data validation failed") and "Traceback" not in proc.stderr
+
+
+def test_import_is_light_and_side_effect_free(tmp_path: Path):
+    # Measured against `import moe_engine` alone: the data package must add no heavy import.
+    code = ("import sys, moe_engine; before = set(sys.modules); import moe_engine.data, moe_engine.data.cli; "
+            "heavy = ('torch', 'pandas', 'great_expectations', 'pandera', 'transformers', 'tokenizers'); "
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))")
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # --help and config checks stay fast
+    assert list(tmp_path.iterdir()) == []  # nothing created at import
