@@ -31,7 +31,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBPACKAGES = {"data", "analytics", "models", "moe", "training"}
+
+
 def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return import_module(f"moe_engine.{name}")
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'moe_engine' has no attribute {name!r}")

@@ -26,3 +26,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present (only needed for tests on the full shared corpus)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The committed demo corpus prepared once per session (small vocabulary for speed)."""
+    from moe_engine.data import DataConfig, prepare
+
+    config = DataConfig.from_dict({"tokenizer": {"vocab_size": 1024}, "shards": {"seq_len": 64}})
+    return prepare(out_dir=tmp_path_factory.mktemp("demo") / "data", config=config)

@@ -75,7 +75,7 @@ def routing_entropy(probs_TE: torch.Tensor, normalised: bool = False) -> torch.T
     """Mean over tokens of the Shannon entropy (nats) of the router distribution p(e | x) of
     Switch/GShard routing (Fedus et al. 2021, eq. 1). Low: a decisive router; log E: uniform.
     ``normalised`` divides by log E, giving [0, 1]."""
-    h_T = torch.special.entr(probs_TE.float()).sum(-1)
+    h_T = torch.special.entr(probs_TE.detach().float()).sum(-1)
     h = h_T.mean()
     return h / math.log(probs_TE.shape[-1]) if normalised and probs_TE.shape[-1] > 1 else h
 
@@ -114,7 +114,7 @@ def router_confidence(probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(mean top-1 probability, mean top-1 minus top-2 probability) over tokens. The top-1
     probability is the Switch gate value p_i(x) (Fedus et al. 2021, eq. 2); a small margin means
     the router hesitates between experts, the instability ST-MoE (Zoph et al. 2022, sec. 3) studies."""
-    probs_TE = probs_TE.float()
+    probs_TE = probs_TE.detach().float()
     if probs_TE.shape[-1] < 2:
         top1 = probs_TE[:, 0].mean()
         return top1, top1

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from moe_engine.moe import dispatch
+from moe_engine.moe.expert_parallel import ExpertParallel, ep_routed_experts
 from moe_engine.moe.experts import Experts, activation, expert_mlp, expert_weights
 from moe_engine.moe.losses import AttachAuxLoss
 from moe_engine.moe.router import Router, RouterConfig
@@ -93,6 +94,8 @@ class MoELayer(nn.Module):
         self.capacity_per_sequence = capacity_per_sequence
         self.num_experts = router.num_experts
         self.top_k = router.top_k
+        self.expert_parallel: ExpertParallel | None = None  # set by training.parallel.shard_experts
+        self.aux_grad_scale = 1.0  # the trainer sets 1 / gradient-accumulation steps, like the LM loss
         self.last_aux_loss: torch.Tensor | None = None
         self._last_routing: tuple[Routing, torch.Tensor] | None = None
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()  # weak-referenceable, unlike dict
@@ -137,6 +140,12 @@ class MoELayer(nn.Module):
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(out_TD, tokens_per_expert_E): dispatch, run every expert, combine."""
         w_in, w_out, gated = expert_weights(self.experts)
+        if self.expert_parallel is not None:
+            if not routing.token_major:
+                raise ValueError("expert-choice routing is not supported with expert parallelism (ep_size > 1)")
+            return ep_routed_experts(
+                self.expert_parallel, x_TD, routing, w_in, w_out, gated, self.act, self.expert_dropout, self.training
+            )
         plan = dispatch.plan(routing.expert_idx_A, self.num_experts, may_drop=routing.may_drop)
         if routing.token_major:
             x_AD = dispatch.permute(x_TD, plan, routing.top_k)
@@ -156,5 +165,5 @@ class MoELayer(nn.Module):
         aux = torch.stack([v.float() for v in routing.aux_losses.values()]).sum()
         self.last_aux_loss = aux.detach()
         if aux.requires_grad:
-            out_TD = AttachAuxLoss.apply(out_TD, aux)
+            out_TD = AttachAuxLoss.apply(out_TD, aux, self.aux_grad_scale)
         return out_TD

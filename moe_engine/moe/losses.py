@@ -47,11 +47,14 @@ class AttachAuxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
+        ctx.grad_scale = grad_scale
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
+        # grad_scale matches whatever scaling the trainer applies to the main loss (1 / gradient
+        # accumulation steps), so the aux loss keeps its configured weight.
         (aux_loss,) = ctx.saved_tensors
-        return grad_x, torch.ones_like(aux_loss)
+        return grad_x, torch.full_like(aux_loss, ctx.grad_scale), None

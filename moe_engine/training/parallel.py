@@ -1,0 +1,153 @@
+"""Distributed setup on DeepSpeed: process groups, expert sharding, optimizer parameter groups.
+
+Kept apart from the model (torchtitan's model / parallelize split): the model is a plain patched
+transformers model; this file makes it expert-parallel.
+
+- ``init_distributed()``: DeepSpeed's ``init_distributed`` (nccl on GPUs, gloo on CPUs). Works
+  under the ``deepspeed`` launcher, ``torchrun`` or as a single plain process.
+- ``shard_experts(model, ep_size)``: each rank keeps E / ep_size experts of every MoE layer
+  (a slice of the fused [E, ...] weights), marks them as expert parameters the way DeepSpeed's
+  MoE does (``allreduce=False``, ``group_name``), and points the layers at DeepSpeed's
+  expert-parallel group. Expert gradients are then reduced over the expert-*data*-parallel group
+  and the rest over the data-parallel group, by DeepSpeed's engine and ZeRO optimizer.
+- ``param_groups(model, weight_decay)``: decay / no-decay groups, split into MoE groups with
+  DeepSpeed's ``split_params_into_different_moe_groups_for_optimizer``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+from torch import nn
+
+from moe_engine.models.adapters import moe_layers
+from moe_engine.moe.expert_parallel import ExpertParallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Set what DeepSpeed reads at import: the CPU accelerator where no GPU is, no telemetry."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). A plain single process gets a one-rank group on a free local port."""
+    prepare_environment()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _expert_group_marker_class():
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedExpertGroup(MoE):
+        """Parameter-free stand-in that tells DeepSpeed's engine this model has expert-parallel
+        layers. The engine finds MoE layers by ``isinstance(module, deepspeed.moe.layer.MoE)`` and
+        only then passes the expert process groups to ZeRO; our experts live in the engine layer."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+            pass  # the groups were created by shard_experts before the engine was built
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedExpertGroup is a marker; it is never called")
+
+    return DeepSpeedExpertGroup
+
+
+def shard_experts(model: nn.Module, ep_size: int) -> None:
+    """Keep this rank's slice of every MoE layer's experts and wire the layers to DeepSpeed's
+    expert-parallel group. With ep_size == 1 experts stay whole but are still marked, so the
+    same code path (and DeepSpeed's MoE gradient handling) runs at every scale."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    world = dist.get_world_size()
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the number of ranks ({world})")
+    groups._create_expert_and_data_parallel(ep_size)
+    group_name = f"ep_size_{ep_size}"
+    ep_group = groups._get_expert_parallel_group(group_name)
+    ep_rank = dist.get_rank(group=ep_group)
+    marker_cls = _expert_group_marker_class()
+    for layer in moe_layers(model):
+        E = layer.num_experts
+        if E % ep_size:
+            raise ValueError(f"{E} experts cannot be split evenly over ep_size={ep_size}")
+        local = slice(ep_rank * (E // ep_size), (ep_rank + 1) * (E // ep_size))
+        fused = list(layer.experts.named_parameters(recurse=False))
+        if not fused and ep_size > 1:
+            raise ValueError(
+                f"expert parallelism needs fused [E, ...] expert weights; {type(layer.experts).__name__} keeps "
+                "one module per expert (Switch Transformers): train it with ep_size=1"
+            )
+        for name, param in fused:
+            if ep_size > 1:
+                param = nn.Parameter(param.data[local].clone())
+                setattr(layer.experts, name, param)
+            param.allreduce = False
+            param.group_name = group_name
+        if ep_size > 1:
+            layer.expert_parallel = ExpertParallel(ep_group, ep_size, ep_rank, E)
+        layer.ds_expert_group = marker_cls(E, ep_size)
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    return getattr(param, "allreduce", True) is False
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, norms and embeddings' 1-D params; expert params in
+    DeepSpeed MoE groups so ZeRO partitions and reduces them over the expert-data-parallel group."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (all-ranks) expert tensors, keyed by state-dict name, for an HF export. Non-expert
+    parameters are identical on every rank and need no gathering."""
+    import torch.distributed as dist
+
+    full = {}
+    for layer_name, layer in ((n, m) for n, m in model.named_modules() if m in set(moe_layers(model))):
+        ep = layer.expert_parallel
+        for name, param in layer.experts.named_parameters(recurse=False):
+            key = f"{layer_name}.experts.{name}"
+            if ep is None:
+                full[key] = param.detach()
+                continue
+            parts = [torch.empty_like(param) for _ in range(ep.size)]
+            dist.all_gather(parts, param.detach().contiguous(), group=ep.group)
+            full[key] = torch.cat(parts)
+    return full

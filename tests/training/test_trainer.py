@@ -1,0 +1,115 @@
+"""The DeepSpeed trainer in one CPU process: learning, checkpoints, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moe_engine as me
+from moe_engine.training.checkpoint import CheckpointError
+from moe_engine.training.trainer import Trainer, TrainingDiverged, warmup_cosine
+
+FAST = dict(micro_batch_size=4, log_every=5, eval_batches=2, warmup_steps=2, lr=3e-3)
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_training_lowers_the_loss_and_exports_a_stock_checkpoint(demo_data, tmp_path):
+    result = Trainer(arch="olmoe", data=demo_data, out_dir=tmp_path, steps=40, save_every=0, **FAST).fit()
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
+    assert result.val_loss is not None and result.ood_loss is not None
+    assert all(sum(c) > 0 for c in result.tokens_per_expert.values())
+    # the export loads in stock transformers and computes what the engine model computes
+    stock = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    engine = me.load(result.model_dir).eval()
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, engine(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["tokens_per_s"] > 0
+
+
+def _train_cmd(data, out, steps):
+    code = (
+        "import sys; from moe_engine.training.trainer import Trainer; "
+        f"Trainer(arch='mixtral', data={str(data)!r}, out_dir={str(out)!r}, steps={steps}, save_every=5, "
+        "micro_batch_size=4, log_every=5, eval_batches=0, warmup_steps=2).fit()"
+    )
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bitwise(demo_data, tmp_path):
+    # a fresh process group per run: drop what an in-process run of this session put in the env
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(demo_data, straight, 15), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(demo_data, killed, 15), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "step_00000005"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-training: somewhere after the step-5 checkpoint
+    proc.wait()
+    assert latest.read_text().strip() in ("step_00000005", "step_00000010")
+    subprocess.run(_train_cmd(demo_data, killed, 15), check=True, env=env, capture_output=True)
+    expected = [row["loss"] for row in _history(straight)]
+    resumed = [row["loss"] for row in _history(killed)]
+    assert resumed == expected  # bitwise: same floats, every step
+
+
+def test_corrupt_checkpoint_is_reported_not_loaded(demo_data, tmp_path):
+    Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=4, save_every=2, **FAST).fit()
+    ckpt = tmp_path / "checkpoints" / "step_00000004" / "model_ep000.pt"
+    blob = bytearray(ckpt.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="model_ep000.pt is corrupt"):
+        Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=6, save_every=2, **FAST).fit()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_data, tmp_path):
+    model = me.build_model("mixtral", vocab_size=1024, seed=0)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # from the 4th forward on, the LM head emits NaN
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= 4 else output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match="step 4.*step_00000002"):
+        Trainer(model, data=demo_data, out_dir=tmp_path, steps=10, save_every=2, **FAST).fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert len(_history(tmp_path)) == 3  # the diverged step was never recorded as trained
+
+
+def test_dense_baselines_match_active_and_total_parameters(demo_data, tmp_path):
+    from moe_engine.training.flops import count_params
+    from moe_engine.training.trainer import dense_baseline
+
+    moe = me.build_model("mixtral", vocab_size=1024)
+    counts = count_params(moe)
+    for match, target in (("active", counts.active), ("total", counts.total)):
+        dense = dense_baseline(moe, match)
+        n = sum(p.numel() for p in dense.parameters())
+        router = sum(layer.gate.weight.numel() for layer in me.moe_layers(moe))
+        assert abs(n - (target - router)) / target < 0.01, (match, n, target)
+    result = Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=3, save_every=0, dense_baseline="active", **FAST).fit()
+    assert result.tokens_per_expert == {} and len(result.losses) == 3
