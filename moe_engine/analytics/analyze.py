@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from moe_engine.analytics import plots, report, tables
-from moe_engine.analytics.data import AnalyticsError, load_dataset
+from moe_engine.analytics.data import AnalyticsError, load_dataset, load_tokenizer
 from moe_engine.analytics.recorder import RoutingRecorder
 
 
@@ -33,6 +33,7 @@ class AnalyzeConfig:
     batch_size: int = 8
     max_tokens: int = 16_384  # per domain
     max_bytes: int = 200_000  # read per text file
+    min_token_count: int = 8  # token specialisation: ignore rarer token ids
     device: str = "cpu"
 
 
@@ -55,7 +56,9 @@ def record(model, dataset: dict[str, torch.Tensor], batch_size: int = 8, device:
     model = model.to(device).eval()
     top = max(int(ids.max()) for ids in dataset.values())
     if top >= _vocab_size(model):
-        raise AnalyticsError(f"token id {top} >= the model's vocabulary ({_vocab_size(model)}): the tokenizer does not match the model")
+        raise AnalyticsError(
+            f"token id {top} >= the model's vocabulary ({_vocab_size(model)}): the tokenizer does not match the model"
+        )
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     # Routing is all we need: skip the LM head's [T, vocab] logits where the model allows it.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -66,6 +69,7 @@ def record(model, dataset: dict[str, torch.Tensor], batch_size: int = 8, device:
             for start in range(0, ids_NS.shape[0], batch_size):
                 ids = ids_NS[start : start + batch_size].to(device)
                 model(input_ids=ids, decoder_input_ids=ids) if seq2seq else model(input_ids=ids, **extra)
+    rec.close()  # keep the records, not the weights
     return rec
 
 
@@ -87,7 +91,11 @@ def analyze(
     paths = [Path(c) for c in checkpoints]
     if not paths:
         raise AnalyticsError("give at least one checkpoint directory")
-    dataset = load_dataset(data, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, max_bytes=cfg.max_bytes)
+    for p in paths:  # fail before reading any data
+        if not (p / "config.json").is_file():
+            raise AnalyticsError(f"{p} is not a model directory (no config.json); pass folders written by save_pretrained")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    dataset = load_dataset(data, tok, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, max_bytes=cfg.max_bytes)
     names = _checkpoint_names(paths)
     recorders = [record(load(p), dataset, cfg.batch_size, cfg.device) for p in paths]
     final = recorders[-1]
@@ -102,6 +110,7 @@ def analyze(
         "coactivation": final.coactivation_table(),
         "domain_specialisation": final.specialisation_table("domain"),
         "consistency": final.consistency_table(),
+        "token_specialisation": final.token_table(min_count=cfg.min_token_count),
         "saturation": tables.saturation_table(recorders, names),
     }
     result.metrics = final.metrics()
@@ -114,15 +123,35 @@ def analyze(
     result.pngs = {
         "load_heatmap": plots.load_heatmap(experts, out / "load_heatmap.png"),
         "coactivation": plots.coactivation_heatmaps(result.tables["coactivation"], out / "coactivation.png"),
-        "domain_specialisation": plots.specialisation_heatmaps(result.tables["domain_specialisation"], out / "domain_specialisation.png"),
+        "domain_specialisation": plots.specialisation_heatmaps(
+            result.tables["domain_specialisation"], out / "domain_specialisation.png"
+        ),
     }
     if len(recorders) > 1:
         result.pngs["saturation"] = plots.saturation_curve(result.tables["saturation"], out / "saturation.png", baseline=uniform)
-    _write_report(result, names, dataset, cfg)
+    _write_report(result, names, dataset, cfg, tok)
     return result
 
 
-def _write_report(result: AnalysisResult, names: list[str], dataset: dict[str, torch.Tensor], cfg: AnalyzeConfig) -> None:
+def top_tokens(token_table: pd.DataFrame, tokenizer=None, n: int = 6) -> pd.DataFrame:
+    """Per layer and expert, the ``n`` token ids it processes the largest share of (OLMoE's
+    vocabulary specialisation), decoded when a tokenizer is given."""
+    def show(i: int) -> str:
+        return repr(tokenizer.decode([i])) if tokenizer is not None else str(i)
+
+    ranked = token_table.sort_values(["share", "occurrences"], ascending=False).groupby(["layer", "expert"]).head(n)
+    rows = [
+        {
+            "layer": layer,
+            "expert": expert,
+            "tokens (share of their occurrences)": ", ".join(f"{show(t)} {s:.0%}" for t, s in zip(g["token_id"], g["share"])),
+        }
+        for (layer, expert), g in ranked.groupby(["layer", "expert"])
+    ]
+    return pd.DataFrame(rows)
+
+
+def _write_report(result: AnalysisResult, names: list[str], dataset: dict[str, torch.Tensor], cfg: AnalyzeConfig, tok) -> None:
     t = result.tables
     spec = t["domain_specialisation"]
     top = spec.sort_values("ratio", ascending=False).groupby("group").head(1).sort_values("group")
@@ -139,6 +168,9 @@ def _write_report(result: AnalysisResult, names: list[str], dataset: dict[str, t
               f"{spec['uniform'].iloc[0]:.3f} everywhere. Most over-used expert per domain below (ratio = share / uniform)."),
         ("img", result.pngs["domain_specialisation"]),
         ("table", top[["group", "layer", "expert", "share", "ratio"]]),
+        ("h2", "Token specialisation (last checkpoint)"),
+        ("p", f"Tokens seen at least {cfg.min_token_count} times that each expert processes most often."),
+        ("table", top_tokens(t["token_specialisation"], tok)),
         ("h2", "Expert co-activation (last checkpoint)"),
         ("img", result.pngs["coactivation"]),
         ("h2", "Router saturation against the final checkpoint"),

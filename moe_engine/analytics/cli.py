@@ -1,7 +1,8 @@
 """``moe-lab analyze``: router analytics of one or more checkpoints over a dataset.
 
     moe-lab analyze ckpt/step100 ckpt/step400 --data data/demo --tokenizer tok/ --out out/analysis \
-        [--seq-len 128] [--batch-size 8] [--max-tokens 16384] [--max-bytes 200000] [--mlflow-uri URI]
+        [--seq-len 128] [--batch-size 8] [--max-tokens 16384] [--max-bytes 200000] [--min-token-count 8] \
+        [--device cpu] [--mlflow-uri URI] [--mlflow-experiment router-analytics]
 
 ``add_parser(subparsers)`` registers the subcommand on the ``moe-lab`` parser; ``main(argv)`` runs it
 standalone (``python -m moe_engine.analytics.cli analyze ...``). Input problems print one line and
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16_384, help="tokens per domain")
     p.add_argument("--max-bytes", type=int, default=200_000, help="bytes read per text file")
+    p.add_argument("--min-token-count", type=int, default=8, help="token specialisation: ignore rarer token ids")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mlflow-uri", help="also log the outputs as artifacts of an MLflow run at this tracking URI")
     p.add_argument("--mlflow-experiment", default="router-analytics")
@@ -42,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from moe_engine.analytics.analyze import AnalyzeConfig, analyze
     from moe_engine.analytics.data import AnalyticsError
 
-    for name in ("seq_len", "batch_size", "max_tokens", "max_bytes"):
+    for name in ("seq_len", "batch_size", "max_tokens", "max_bytes", "min_token_count"):
         if getattr(args, name) <= 0:
             print(f"moe-lab analyze: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
-    cfg = AnalyzeConfig(args.seq_len, args.batch_size, args.max_tokens, args.max_bytes, args.device)
+    cfg = AnalyzeConfig(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                        max_bytes=args.max_bytes, min_token_count=args.min_token_count, device=args.device)
     try:
         result = analyze(args.checkpoints, args.data, args.out, args.tokenizer, cfg)
         if args.mlflow_uri:

@@ -98,22 +98,25 @@ def load_dataset(
     max_tokens: int = 16_384,
     max_bytes: int = 200_000,
 ) -> dict[str, torch.Tensor]:
-    """``{domain: ids_NS}`` from a file or folder; see the module docstring."""
+    """``{domain: ids_NS}`` from a file or folder; see the module docstring. ``tokenizer`` is a
+    tokenizer directory or an already loaded tokenizer."""
     path = Path(path)
     if not path.exists():
         raise AnalyticsError(f"{path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise AnalyticsError(f"{path}: folder has no files")
-    ids: dict[str, torch.Tensor] = {}
-    texts = [f for f in files if not _is_tokens(f)]
+    texts = {f: read_text(f, max_bytes) for f in files if not _is_tokens(f)}  # file errors before tokenizer errors
     tok = None
     if texts:
         if tokenizer is None:
-            raise AnalyticsError(f"{texts[0]} is text: pass a tokenizer directory (--tokenizer) or pre-tokenised .pt/.npy ids")
-        tok = load_tokenizer(tokenizer)
+            raise AnalyticsError(
+                f"{next(iter(texts))} is text: pass a tokenizer directory (--tokenizer) or pre-tokenised .pt/.npy ids"
+            )
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    ids: dict[str, torch.Tensor] = {}
     for f in files:
-        found = read_token_ids(f) if _is_tokens(f) else {domain_name(f): _encode(tok, read_text(f, max_bytes))}
+        found = {domain_name(f): _encode(tok, texts[f])} if f in texts else read_token_ids(f)
         for domain in found:
             if domain in ids:
                 raise AnalyticsError(f"{f}: domain {domain!r} appears twice in {path}")
@@ -123,5 +126,7 @@ def load_dataset(
 
 def _encode(tok, text: str) -> torch.Tensor:
     backend = getattr(tok, "backend_tokenizer", None)  # fast path: the Rust tokenizer, no length warnings
-    ids = backend.encode(text, add_special_tokens=False).ids if backend is not None else tok.encode(text, add_special_tokens=False)
+    if backend is not None:
+        return torch.tensor(backend.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    ids = tok.encode(text, add_special_tokens=False)
     return torch.tensor(ids, dtype=torch.long)

@@ -4,11 +4,12 @@ Shape legend (as in ``moe_engine.moe.routing``, plus two):
     T tokens   E routed experts   K experts per token   A assignments (token, expert) pairs
     N groups of tokens (domains, token ids)
 
-Every function takes tensors and returns tensors, never Python numbers, and uses only ops that need
-no device-to-host copy (``index_add_`` into fixed-size buffers, no ``bincount``, boolean masking or
-``.item()``), so the online monitor can call them inside the training step. A dropped assignment
-has expert index ``E`` (the sentinel of :class:`~moe_engine.moe.routing.Routing`) and counts for no
-expert. Most metrics are computed from ``member_TE``: 1 where expert e processed token t.
+Every function (``uniform_share`` aside) takes tensors and returns tensors, never Python numbers,
+and uses only ops that need no device-to-host copy (``index_add_`` into fixed-size buffers, no
+``bincount``, boolean masking or ``.item()``), so the online monitor can call them inside the
+training step. A dropped assignment has expert index ``E`` (the sentinel of
+:class:`~moe_engine.moe.routing.Routing`) and counts for no expert. Most metrics are computed from
+``member_TE``: 1 where expert e processed token t.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 def router_confidence(probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean top-1 probability, mean top-1 minus top-2 probability) over tokens. The top-1
-    probability is the Switch gate value p_i(x) (Fedus et al. 2021, eq. 2); a small margin means
-    the router hesitates between experts, the instability ST-MoE (Zoph et al. 2022, sec. 3) studies."""
+    probability is the Switch gate value p_i(x) (Fedus et al. 2021, eq. 1); a small margin means the
+    router hesitates between experts, whose choices then flip under small perturbations (the router
+    instability ST-MoE, Zoph et al. 2022, sec. 2, sets out to tame)."""
     probs_TE = probs_TE.detach().float()
     if probs_TE.shape[-1] < 2:
         top1 = probs_TE[:, 0].mean()
@@ -149,8 +151,8 @@ def group_counts(member_TE: torch.Tensor, group_T: torch.Tensor, num_groups: int
 def specialisation(member_TE: torch.Tensor, group_T: torch.Tensor, num_groups: int) -> torch.Tensor:
     """[N, E] share of group n's tokens that expert e processed, OLMoE's domain and vocabulary
     specialisation (Muennighoff et al. 2024, sec. 5). Rows sum to K; an unspecialised router gives
-    K / E everywhere (``uniform_share``); ST-MoE (Zoph et al. 2022, sec. 7) reads the same table by
-    token type. Groups without tokens give 0."""
+    K / E everywhere (``uniform_share``); ST-MoE (Zoph et al. 2022, "tracing tokens through the
+    model") reads the same table by token type. Groups without tokens give 0."""
     counts_NE, tokens_N = group_counts(member_TE, group_T, num_groups)
     return counts_NE / tokens_N.clamp_min(1.0)[:, None]
 

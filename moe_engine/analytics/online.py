@@ -28,7 +28,9 @@ from moe_engine.analytics import metrics as M
 log = logging.getLogger(__name__)
 
 # Layout of a layer's SUM accumulator after its E expert counts (all reduced with SUM across ranks).
-_SLOTS = ("tokens", "assignments", "dropped", "entropy", "top1_prob", "top1_margin", "balance_loss", "z_loss", "aux_loss", "steps")
+_SLOTS = (
+    "tokens", "assignments", "dropped", "entropy", "top1_prob", "top1_margin", "balance_loss", "z_loss", "aux_loss", "steps"
+)
 _S = {name: i for i, name in enumerate(_SLOTS)}
 
 
@@ -81,7 +83,8 @@ class RouterMonitor:
         self._sums, self._max_imbalance = [], []
         for layer in self.layers:
             device = next(layer.parameters()).device
-            self._sums.append(torch.zeros(layer.num_experts + len(_SLOTS), device=device))
+            # float64: token counts over a long window stay exact (float32 stops at 2**24)
+            self._sums.append(torch.zeros(layer.num_experts + len(_SLOTS), dtype=torch.float64, device=device))
             self._max_imbalance.append(torch.zeros((), device=device))
 
     def attach(self) -> "RouterMonitor":
@@ -130,8 +133,9 @@ class RouterMonitor:
     # -- reduction and logging -------------------------------------------------------------------
     def _reduced(self) -> tuple[list[list[float]], list[float]]:
         """Per-layer global sums and worst-step imbalances, as Python floats (the one host sync)."""
-        sums = torch.cat(self._sums)
-        maxes = torch.stack(self._max_imbalance)
+        device = self._sums[0].device  # layers may sit on different devices (pipeline stages)
+        sums = torch.cat([s.to(device) for s in self._sums])
+        maxes = torch.stack([m.to(device) for m in self._max_imbalance])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)  # counts and sums add up
             torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)  # worst step on any rank

@@ -25,13 +25,15 @@ def _figure(panels: int, width: float, height: float, max_cols: int = 4):
     return fig, axes[:panels]
 
 
-def _annotate(ax, values: np.ndarray, fmt: str, limit: int = 160) -> None:
+def _annotate(ax, im, values: np.ndarray, fmt: str, scale: float = 1.0, limit: int = 160) -> None:
+    """Write each cell's value (times ``scale``) in black or white, whichever reads on its colour."""
     if values.size > limit:
         return  # too many cells to read; the colour says it
-    hi = np.nanmax(values) if np.isfinite(values).any() else 0.0
     for (r, c), v in np.ndenumerate(values):
         if np.isfinite(v):
-            ax.text(c, r, format(v, fmt), ha="center", va="center", fontsize=7, color="white" if v > 0.6 * hi else "black")
+            red, green, blue, _ = im.cmap(im.norm(v))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(c, r, format(v * scale, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 
 def _save(fig, path: Path) -> Path:
@@ -48,11 +50,12 @@ def load_heatmap(experts: pd.DataFrame, path: Path) -> Path:
 
     names = list(dict.fromkeys(experts["checkpoint"]))
     vmax = max(2.0, float(experts["relative_load"].max()))
-    fig, axes = _figure(len(names), 4.2, 0.45 * experts["layer"].nunique() + 1.6)
+    num_layers, num_experts = experts["layer"].nunique(), experts["expert"].nunique()
+    fig, axes = _figure(len(names), max(4.2, 0.3 * num_experts + 1.2), max(2.6, 0.3 * num_layers + 1.4), max_cols=2)
     for ax, name in zip(axes, names):
         grid_LE = experts[experts["checkpoint"] == name].pivot(index="layer", columns="expert", values="relative_load")
         im = ax.imshow(grid_LE.to_numpy(), cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax), aspect="auto")
-        _annotate(ax, grid_LE.to_numpy(), ".1f")
+        _annotate(ax, im, grid_LE.to_numpy(), ".1f")
         ax.set(title=str(name), xlabel="expert", ylabel="layer", xticks=range(grid_LE.shape[1]), yticks=range(grid_LE.shape[0]))
         ax.set_yticklabels(grid_LE.index)
     fig.colorbar(im, ax=list(axes), label="E x load share (1 = balanced)")
@@ -63,14 +66,16 @@ def load_heatmap(experts: pd.DataFrame, path: Path) -> Path:
 def coactivation_heatmaps(coact: pd.DataFrame, path: Path) -> Path:
     """Per layer, row i / column j: share of expert i's tokens that expert j also processed (OLMoE)."""
     layers = sorted(coact["layer"].unique())
-    fig, axes = _figure(len(layers), 3.6, 3.3)
+    size = max(3.6, 0.25 * coact["expert"].nunique() + 1.2)
+    fig, axes = _figure(len(layers), size, size - 0.3)
     vmax = max(float(coact["coactivation"].max()), 1e-6)
     for ax, layer in zip(axes, layers):
         rows = coact[coact["layer"] == layer]
         num_experts = int(max(rows["expert"].max(), rows["other"].max())) + 1
-        grid_EE = rows.pivot(index="expert", columns="other", values="coactivation").reindex(index=range(num_experts), columns=range(num_experts))  # diagonal: NaN, blank
+        grid_EE = rows.pivot(index="expert", columns="other", values="coactivation")
+        grid_EE = grid_EE.reindex(index=range(num_experts), columns=range(num_experts))  # diagonal: NaN, drawn blank
         im = ax.imshow(grid_EE.to_numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
-        _annotate(ax, 100 * grid_EE.to_numpy(), ".0f", limit=100)
+        _annotate(ax, im, grid_EE.to_numpy(), ".0f", scale=100, limit=100)
         ax.set(title=f"layer {layer}", xlabel="co-activated expert j", ylabel="expert i")
     fig.colorbar(im, ax=list(axes), label="N(i, j) / N(i)")
     fig.suptitle("Expert co-activation (numbers in %)")
@@ -86,11 +91,12 @@ def specialisation_heatmaps(spec: pd.DataFrame, path: Path, what: str = "domain"
     uniform = float(spec["uniform"].iloc[0])
     norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(2 * uniform, float(spec["share"].max())))
     groups = list(dict.fromkeys(spec["group"]))
-    fig, axes = _figure(len(layers), 4.4, 0.32 * len(groups) + 1.8, max_cols=2)
+    width = max(4.4, 0.3 * spec["expert"].nunique() + 2.5)  # room for the group names
+    fig, axes = _figure(len(layers), width, 0.32 * len(groups) + 1.8, max_cols=2)
     for ax, layer in zip(axes, layers):
         grid_NE = spec[spec["layer"] == layer].pivot(index="group", columns="expert", values="share").reindex(groups)
         im = ax.imshow(grid_NE.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
-        _annotate(ax, 100 * grid_NE.to_numpy(), ".0f")
+        _annotate(ax, im, grid_NE.to_numpy(), ".0f", scale=100)
         ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(grid_NE.shape[1]), yticks=range(len(groups)))
         ax.set_yticklabels(groups)
     fig.colorbar(im, ax=list(axes), label=f"share of the {what}'s tokens (uniform = {uniform:.3f})")

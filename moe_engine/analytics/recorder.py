@@ -105,9 +105,12 @@ class RoutingRecorder:
         self._inputs: dict[str, torch.Tensor | None] = {}
         self._batch = -1
         self._handles: list = []
+        self._cache: dict[int, tuple[int, LayerData]] = {}  # layer -> (records seen, data)
 
     # -- collection ------------------------------------------------------------------------------
     def attach(self) -> "RoutingRecorder":
+        if self.model is None:
+            raise ValueError("this recorder was closed; make a new one to record again")
         if not self._handles:
             self._handles = [self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
             self._handles += [layer.register_routing_hook(self._hook) for layer in self.layers]
@@ -117,6 +120,12 @@ class RoutingRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def close(self) -> None:
+        """Detach and drop the references to the model (the records stay), so a recorder kept for
+        analysis does not keep the model's weights alive."""
+        self.detach()
+        self.model, self.layers = None, []
 
     def __enter__(self) -> "RoutingRecorder":
         return self.attach()
@@ -129,7 +138,8 @@ class RoutingRecorder:
         self._labels = dict(labels)
 
     def clear(self) -> None:
-        self.records = [[] for _ in self.layers]
+        self.records = [[] for _ in self.names]
+        self._cache = {}
         self._batch = -1
 
     def _pre_forward(self, module, args, kwargs):
@@ -164,13 +174,20 @@ class RoutingRecorder:
         recs = self.records[layer]
         if not recs:
             raise ValueError(f"nothing recorded for layer {layer} ({self.names[layer]}): run a forward inside the recorder")
+        cached = self._cache.get(layer)
+        if cached is None or cached[0] != len(recs):
+            self._cache[layer] = (len(recs), self._concat(layer, recs))
+        return self._cache[layer][1]
+
+    def _concat(self, layer: int, recs: list[LayerRecord]) -> LayerData:
         num_experts, top_k = recs[0].num_experts, recs[0].top_k
         members, chosen, weights = [], [], []
         for r in recs:
             member_TE = M.membership(r.expert_idx_A, num_experts, r.num_tokens, top_k, r.token_idx_A)
             chosen.append(M.membership(_choices(r), num_experts, r.num_tokens, top_k, r.token_idx_A))
             token_A = M.token_index(r.expert_idx_A.numel(), top_k, r.token_idx_A)
-            weight_TE = torch.zeros(r.num_tokens, num_experts + 1).index_put_((token_A, r.expert_idx_A), r.weight_A, accumulate=True)
+            weight_TE = torch.zeros(r.num_tokens, num_experts + 1)
+            weight_TE.index_put_((token_A, r.expert_idx_A), r.weight_A, accumulate=True)
             members.append(member_TE)
             weights.append(weight_TE[:, :num_experts])
         label_names = sorted({k for r in recs for k in r.labels})

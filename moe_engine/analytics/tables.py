@@ -14,6 +14,13 @@ from moe_engine.analytics import metrics as M
 from moe_engine.analytics import schemas
 
 
+def _layers(rec) -> list[int]:
+    layers = rec.recorded_layers()
+    if not layers:
+        raise ValueError("nothing recorded: run the model inside the recorder (with rec: model(...))")
+    return layers
+
+
 def _consistency(rec, a: int, b: int) -> float:
     """NMI of the primary experts of layers a and b, NaN when they did not see the same tokens."""
     if not rec.same_stack(a, b):
@@ -27,7 +34,7 @@ def _consistency(rec, a: int, b: int) -> float:
 
 
 def layer_table(rec) -> pd.DataFrame:
-    rows, layers = [], rec.recorded_layers()
+    rows, layers = [], _layers(rec)
     for n, i in enumerate(layers):
         d = rec.layer_data(i)
         counts_E = d.counts_E
@@ -57,7 +64,7 @@ def layer_table(rec) -> pd.DataFrame:
 
 def expert_table(rec) -> pd.DataFrame:
     frames = []
-    for i in rec.recorded_layers():
+    for i in _layers(rec):
         d = rec.layer_data(i)
         counts_E = d.counts_E
         has_probs = d.probs_TE.shape[1] == d.num_experts
@@ -76,7 +83,7 @@ def expert_table(rec) -> pd.DataFrame:
 
 def assignment_table(rec) -> pd.DataFrame:
     frames = []
-    for i in rec.recorded_layers():
+    for i in _layers(rec):
         offset = 0
         for r in rec.records[i]:
             token_A = M.token_index(r.expert_idx_A.numel(), r.top_k, r.token_idx_A)
@@ -99,7 +106,7 @@ def assignment_table(rec) -> pd.DataFrame:
 
 def coactivation_table(rec) -> pd.DataFrame:
     frames = []
-    for i in rec.recorded_layers():
+    for i in _layers(rec):
         d = rec.layer_data(i)
         counts_EE, share_EE = M.coactivation_counts(d.member_TE), M.coactivation(d.member_TE)
         e_i, e_j = torch.meshgrid(torch.arange(d.num_experts), torch.arange(d.num_experts), indexing="ij")
@@ -117,7 +124,7 @@ def coactivation_table(rec) -> pd.DataFrame:
 def specialisation_table(rec, by: str = "domain") -> pd.DataFrame:
     """OLMoE-style specialisation of each expert to the groups of label ``by`` (see metrics.specialisation)."""
     frames = []
-    for i in rec.recorded_layers():
+    for i in _layers(rec):
         d = rec.layer_data(i)
         values = d.labels_T.get(by)
         if values is None or all(v is None for v in values):
@@ -146,7 +153,7 @@ def token_table(rec, min_count: int = 1) -> pd.DataFrame:
     """OLMoE's vocabulary specialisation: for each token id seen at least ``min_count`` times, the
     share of its occurrences each expert processed (rows with no assignment are left out)."""
     frames = []
-    for i in rec.recorded_layers():
+    for i in _layers(rec):
         d = rec.layer_data(i)
         if d.token_ids_T is None:
             raise ValueError("no token ids recorded: call the model with input_ids inside the recorder")
@@ -167,7 +174,7 @@ def token_table(rec, min_count: int = 1) -> pd.DataFrame:
 def consistency_table(rec) -> pd.DataFrame:
     """Cross-layer routing consistency (metrics.cross_layer_consistency) for every pair of layers
     that saw the same tokens."""
-    layers = rec.recorded_layers()
+    layers = _layers(rec)
     rows = [
         {"layer": a, "other_layer": b, "consistency": c}
         for n, a in enumerate(layers)
@@ -184,7 +191,7 @@ def saturation_table(recorders: Sequence, checkpoints: Sequence[str]) -> pd.Data
         raise ValueError("give one checkpoint name per recorder, at least one")
     final, rows = recorders[-1], []
     for index, (rec, name) in enumerate(zip(recorders, checkpoints)):
-        for i in final.recorded_layers():
+        for i in _layers(final):
             d, f = rec.layer_data(i), final.layer_data(i)
             if d.num_tokens != f.num_tokens or d.num_experts != f.num_experts:
                 raise ValueError(f"checkpoint {name!r} layer {i} saw other tokens or experts than the final one")

@@ -86,7 +86,8 @@ def test_hook_never_reads_values_on_the_host(kind):
     layer = MoEConfig(hidden_size=8, ffn_size=16, router=rc).build().train()
     routing = layer.moe_router(torch.randn(12, 8), group_size=6)
     counts_E = routing.tokens_per_expert()
-    meta = {f.name: getattr(routing, f.name).to("meta") for f in dataclasses.fields(routing) if torch.is_tensor(getattr(routing, f.name))}
+    tensors = {f.name: getattr(routing, f.name) for f in dataclasses.fields(routing)}
+    meta = {name: t.to("meta") for name, t in tensors.items() if torch.is_tensor(t)}
     routing_meta = dataclasses.replace(routing, **meta, aux_losses={k: v.to("meta") for k, v in routing.aux_losses.items()})
     layer = layer.to("meta")
     monitor = RouterMonitor(layer)
