@@ -148,7 +148,7 @@ def great_expectations_report(df: pd.DataFrame, cfg: ValidationConfig, vocab_siz
         DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig)
 
     site = {"class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir)}}
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(report_dir).resolve())}}
     # In-memory stores and a single docs site: nothing is written outside report_dir.
     ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,

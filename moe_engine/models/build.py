@@ -17,11 +17,11 @@ def model_config(arch: str, preset: str = "tiny", **overrides) -> PretrainedConf
     arch = canonical_arch(arch)
     kwargs = preset_kwargs(arch, preset)
     kwargs.update(overrides)
-    config = AutoConfig.for_model(arch, **kwargs)
-    unknown = [k for k in overrides if not hasattr(config, k)]
+    known = AutoConfig.for_model(arch)  # transformers accepts any kwarg, so check against the defaults
+    unknown = [k for k in overrides if not hasattr(known, k)]
     if unknown:
-        raise ValueError(f"{arch} config has no field(s) {unknown}; check the spelling against transformers' {type(config).__name__}")
-    return config
+        raise ValueError(f"{arch} config has no field(s) {unknown}; check the spelling against transformers' {type(known).__name__}")
+    return AutoConfig.for_model(arch, **kwargs)
 
 
 def _model_class(config: PretrainedConfig):

@@ -23,6 +23,12 @@ _TINY_DECODER = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_at
 PRESETS: dict[str, dict[str, dict]] = {
     "mixtral": {
         "tiny": dict(_TINY_DECODER, intermediate_size=128, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        # benchmark scale: Mixtral's shape (8 experts, top-2, GQA 2:1) at ~0.8B total / 0.26B active
+        # parameters, so the model and its AdamW state fit one H100 with room for 16k-token batches
+        "mixtral-0.8b": dict(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16,
+            num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        ),
         # Mixtral of Experts (Jiang et al. 2024), mistralai/Mixtral-8x7B-v0.1 config.json
         "mixtral-8x7b": dict(
             vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -34,6 +40,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny": dict(
             _TINY_DECODER, intermediate_size=32, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
             eos_token_id=2, pad_token_id=1,
+        ),
+        # benchmark scale: OLMoE-1B-7B's layer (64 experts, top-8, D=2048, F=1024) with 4 of its 16 layers
+        "olmoe-4l": dict(
+            vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+            norm_topk_prob=False, router_aux_loss_coef=0.01, eos_token_id=0, pad_token_id=1,
         ),
         # OLMoE (Muennighoff et al. 2024), allenai/OLMoE-1B-7B-0924 config.json
         "olmoe-1b-7b": dict(

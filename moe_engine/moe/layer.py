@@ -113,6 +113,11 @@ class MoELayer(nn.Module):
         """Routing statistics of the last forward, computed on first access (off the hot path)."""
         return routing_stats(*self._last_routing) if self._last_routing is not None else {}
 
+    @property
+    def last_tokens_per_expert(self) -> torch.Tensor | None:
+        """[E] assignments per expert in the last forward (this rank's tokens), without other stats."""
+        return self._last_routing[1] if self._last_routing is not None else None
+
     def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """``hook(layer, routing, tokens_per_expert_E)`` runs after every forward (analytics)."""
         handle = RemovableHandle(self._routing_hooks)

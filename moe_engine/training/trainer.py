@@ -195,7 +195,7 @@ class Trainer:
                 engine.step()
                 step_loss += loss.detach() / cfg.grad_accum
                 for layer, name in layer_names.items():
-                    c = layer.last_stats["tokens_per_expert"][0]
+                    c = layer.last_tokens_per_expert.float()
                     step_counts[name] = step_counts.get(name, 0) + c
             if world > 1:
                 dist.all_reduce(step_loss)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -15,6 +16,16 @@ def _shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (shared test data)")
     return path
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast on an idle 2-core machine and
+    avoids OpenMP spin-waits that made the training test 5-10x slower when other processes share it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
