@@ -12,7 +12,9 @@ from importlib import import_module
 STAGES = (
     "moe_engine.data.cli",
     "moe_engine.training.cli",
+    "moe_engine.evaluation.cli",
     "moe_engine.analytics.cli",
+    "moe_engine.gate.cli",
 )
 
 

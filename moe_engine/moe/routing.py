@@ -73,20 +73,16 @@ class Routing:
 
 
 def routing_stats(routing: Routing, tokens_per_expert_E: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, str]]:
-    """Cheap per-step statistics, detached: name -> (value, how to reduce across ranks).
-
-    Load imbalance is max/mean tokens per expert (1.0 is perfect balance; E/K means every token went
-    to the same K experts), the quantity Switch Transformer's auxiliary loss pushes towards 1.
+    """Cheap per-step statistics of one forward on this rank, detached: name -> (value, how to
+    reduce across ranks). Ratios such as load imbalance are not listed: a ratio of per-rank values
+    is not the global ratio, so they are derived from the SUM-reduced counts (analytics.online does).
     """
     with torch.no_grad():
         counts_E = routing.tokens_per_expert() if tokens_per_expert_E is None else tokens_per_expert_E
-        counts_E = counts_E.float()
-        mean = counts_E.mean().clamp_min(1e-9)
         stats: dict[str, tuple[torch.Tensor, str]] = {
-            "tokens_per_expert": (counts_E, SUM),
-            "load_imbalance": (counts_E.max() / mean, MAX),
-            "dropped_fraction": (routing.num_dropped().float() / max(routing.expert_idx_A.numel(), 1), MEAN),
-            "dead_expert_fraction": ((counts_E == 0).float().mean(), MEAN),
+            "tokens_per_expert": (counts_E.float(), SUM),
+            "dropped": (routing.num_dropped().float(), SUM),
+            "assignments": (torch.tensor(float(routing.expert_idx_A.numel())), SUM),
         }
         for name, value in routing.aux_losses.items():
             stats[name] = (value.detach().float(), MEAN)

@@ -36,6 +36,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     try:
         config = {**_load_section(args.params, args.section), **_parse_set(args.set)}
+        if args.fresh:  # a pipeline stage starts from scratch: never resume another config's checkpoints
+            import shutil
+
+            shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         trainer = Trainer(data=args.data, config=config, out_dir=args.out)
         result = trainer.fit()
     except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as exc:
@@ -66,5 +70,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--params", type=Path, help="params.yaml to read")
     p.add_argument("--section", default="pretrain", help="params.yaml section (default: pretrain)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set steps=50")
+    p.add_argument("--fresh", action="store_true", help="delete <out>/checkpoints first instead of resuming")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     p.set_defaults(func=run_pretrain)

@@ -14,6 +14,7 @@ class PretrainConfig:
     preset: str = "tiny"  # a debug size, or a named shape (see moe_engine.models.presets)
     model: dict[str, Any] = field(default_factory=dict)  # transformers config overrides
     router: dict[str, Any] = field(default_factory=dict)  # RouterConfig overrides (aux_loss_coef, kind, ...)
+    router_monitor: dict[str, Any] = field(default_factory=dict)  # analytics.online.MonitorConfig (alert thresholds)
     dense_baseline: str = ""  # "" (train the MoE) | "active" | "total": a dense model matched on those params
     # optimisation
     steps: int = 300
@@ -35,6 +36,7 @@ class PretrainConfig:
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
+    snapshot_every: int = 0  # also export a Hugging Face snapshot every N steps (router analytics over time)
     eval_batches: int = 8  # validation batches at the end (0: none)
     # tracking and cost
     mlflow_tracking_uri: str = ""  # "" = no MLflow run; e.g. sqlite:///mlflow/mlflow.db or http://127.0.0.1:5000

@@ -143,6 +143,11 @@ class Trainer:
                 layer.aux_grad_scale = 1.0 / cfg.grad_accum
         elif cfg.ep_size > 1:
             raise ValueError("ep_size > 1 needs an MoE model (dense baselines have no experts)")
+        monitor = None
+        if is_moe:  # router metrics accumulate on device every forward, reduced across ranks at log steps
+            from moe_engine.analytics.online import MonitorConfig, RouterMonitor
+
+            monitor = RouterMonitor(model, MonitorConfig(**cfg.router_monitor)).attach()
         groups = param_groups(model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -170,6 +175,9 @@ class Trainer:
             start = state["step"]
             engine.global_steps = start
         flops_per_token = train_flops_per_token(model, seq_len, counts)
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * seq_len * world
+        self._size = {"params_total": counts.total, "params_active": counts.active, "flops_per_token": flops_per_token,
+                      "tokens_trained": tokens_per_step * cfg.steps, "train_flops": flops_per_token * tokens_per_step * cfg.steps}
         peak = peak_flops(device, cfg.peak_tflops)
         if rank == 0:
             self._start_tracking(cfg, counts, flops_per_token, world)
@@ -179,7 +187,6 @@ class Trainer:
         losses: list[float] = []
         run_counts: dict[str, torch.Tensor] = {}
         layer_names = {m: n for n, m in engine.module.named_modules() if m in set(moe_layers(engine.module))}
-        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * seq_len * world
         progress = _progress(rank == 0, cfg.steps, start)
         t_last, steps_since = time.perf_counter(), 0
         engine.train()
@@ -219,10 +226,12 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_per_step * steps_since / elapsed
                 t_last, steps_since = time.perf_counter(), 0
-                metrics = self._step_metrics(engine, losses[-1], step_counts, layer_names, schedule, tok_s, flops_per_token, peak, world)
+                metrics = self._step_metrics(engine, losses[-1], monitor, layer_names, schedule, tok_s, flops_per_token, peak, world)
                 if rank == 0 and self.logger is not None:
                     self.logger.log_metrics(metrics, step=done)
                 last_metrics = metrics
+            if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
+                self._export(engine.module, rank, self.out_dir / "snapshots" / f"step_{done:08d}")
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
                 rank_state = {
                     "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "data": data.state_dict(),
@@ -233,7 +242,7 @@ class Trainer:
         progress.close()
         val_loss = self.evaluate(engine.module, "val", device, world, rank)
         ood_loss = self.evaluate(engine.module, "ood", device, world, rank)
-        model_dir = self._export(engine.module, rank)
+        model_dir = self._export(engine.module, rank, self.out_dir / "model")
         result = TrainResult(
             steps=cfg.steps, losses=losses, val_loss=val_loss, ood_loss=ood_loss,
             tokens_per_expert={n: c.long().tolist() for n, c in run_counts.items()},
@@ -244,7 +253,7 @@ class Trainer:
             self._finish(result)
         return result
 
-    def _step_metrics(self, engine, loss, step_counts, layer_names, schedule, tok_s, flops_per_token, peak, world) -> dict:
+    def _step_metrics(self, engine, loss, monitor, layer_names, schedule, tok_s, flops_per_token, peak, world) -> dict:
         metrics = {"loss": loss, "lr": schedule.get_last_lr()[0], "tokens_per_s": tok_s}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -253,19 +262,9 @@ class Trainer:
         if peak:
             metrics["mfu"] = tok_s * flops_per_token / (peak * world)
             metrics["usd_per_million_tokens"] = usd_per_million_tokens(tok_s, world, self.config.gpu_hour_usd)
-        aux_total = 0.0
-        for layer, name in layer_names.items():
-            short = name.replace("model.", "").replace(".mlp", "")
-            stats = layer.last_stats
-            counts = step_counts[name].float()
-            metrics[f"router/{short}/load_imbalance"] = (counts.max() / counts.mean().clamp_min(1e-9)).item()
-            metrics[f"router/{short}/dead_expert_fraction"] = (counts == 0).float().mean().item()
-            metrics[f"router/{short}/dropped_fraction"] = stats["dropped_fraction"][0].item()
-            for key in ("load_balancing_loss", "router_z_loss"):
-                if key in stats:
-                    metrics[f"router/{short}/{key}"] = stats[key][0].item()
-                    aux_total += stats[key][0].item()
-        metrics["aux_loss"] = aux_total
+        if monitor is not None:  # collective: every rank calls it; alerts are printed and logged on rank 0
+            metrics.update(monitor.compute())
+            metrics["aux_loss"] = sum(float(layer.last_aux_loss or 0.0) for layer in layer_names)
         return metrics
 
     @torch.no_grad()
@@ -297,8 +296,8 @@ class Trainer:
         return (total / n.clamp_min(1)).item() if n.item() else None
 
     # ------------------------------------------------------------------ outputs
-    def _export(self, module, rank) -> Path | None:
-        """Hugging Face checkpoint of the full model (experts gathered), written atomically."""
+    def _export(self, module, rank, out: Path) -> Path | None:
+        """Hugging Face checkpoint of the full model (experts gathered) at ``out``, written atomically."""
         import shutil
 
         from moe_engine.training.parallel import gather_experts
@@ -306,8 +305,7 @@ class Trainer:
         full_experts = gather_experts(module) if moe_layers(module) else {}
         if rank != 0:
             return None
-        out = self.out_dir / "model"
-        tmp = self.out_dir / ".model.tmp"
+        tmp = out.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
         state.update({k: v.cpu() for k, v in full_experts.items()})
@@ -320,6 +318,7 @@ class Trainer:
         if tok.is_dir():
             shutil.copytree(tok, tmp, dirs_exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
         return out
 
@@ -339,7 +338,8 @@ class Trainer:
 
     def _finish(self, result: TrainResult) -> None:
         summary = {"final_loss": result.losses[-1] if result.losses else None, "val_loss": result.val_loss,
-                   "ood_loss": result.ood_loss, "tokens_per_s": result.tokens_per_s, "steps": result.steps}
+                   "ood_loss": result.ood_loss, "tokens_per_s": result.tokens_per_s, "steps": result.steps,
+                   **self._size}
         summary.update({k: v for k, v in result.metrics.items() if k in ("mfu", "usd_per_million_tokens", "tflops_per_s")})
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

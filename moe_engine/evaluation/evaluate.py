@@ -1,0 +1,121 @@
+"""Evaluate trained checkpoints on held-out shards.
+
+For each model: mean token loss and perplexity on the in-domain validation split and on the
+out-of-domain split, and the loss per domain (token-weighted). Given the MoE run and its dense
+baseline, a comparison table at equal training FLOPs: both trained on the same tokens, and the
+dense-active baseline has the MoE's active FLOPs per token, so equal steps are equal FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max_sequences: int = 0) -> np.ndarray:
+    """[N] mean next-token loss of each sequence of a split, in shard order."""
+    from moe_engine.data.loader import ShardDataset
+
+    data = ShardDataset(data_dir, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False)
+    device = next(model.parameters()).device
+    losses = []
+    for batch in data:
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        loss_BT = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        losses.append(loss_BT.mean(1).cpu())
+        if max_sequences and sum(len(x) for x in losses) >= max_sequences:
+            break
+    out = torch.cat(losses).numpy() if losses else np.zeros(0)
+    return out[:max_sequences] if max_sequences else out
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 16, max_sequences: int = 0) -> dict:
+    from moe_engine.data.shards import sequence_domains
+    from moe_engine.models.build import load
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    try:  # MoE checkpoints get the engine layers; a dense baseline loads as it is
+        model = load(model_dir)
+    except ValueError:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    result: dict = {"domains": {}}
+    for split, key in (("val", "val"), ("ood", "ood")):
+        if manifest["splits"].get(split, {}).get("sequences", 0) == 0:
+            continue
+        losses = sequence_losses(model, data_dir, split, batch_size, max_sequences)
+        names, ids = sequence_domains(manifest, split)
+        ids = ids[: len(losses)]
+        result[f"{key}_loss"] = float(losses.mean())
+        result[f"{key}_perplexity"] = float(math.exp(losses.mean()))
+        for i, name in enumerate(names):
+            mask = ids == i
+            if mask.any():
+                result["domains"][name] = {"split": split, "loss": float(losses[mask].mean()), "sequences": int(mask.sum())}
+    return result
+
+
+def comparison_table(moe: dict, dense: dict, moe_train: dict, dense_train: dict) -> str:
+    """Markdown: MoE vs dense baseline at equal training FLOPs."""
+    rows = [("", "MoE", "dense baseline")]
+
+    def fmt(x, spec="{:.4f}"):
+        return spec.format(x) if isinstance(x, (int, float)) else "-"
+
+    rows.append(("params total", fmt(moe_train.get("params_total"), "{:,}"), fmt(dense_train.get("params_total"), "{:,}")))
+    rows.append(("params active / token", fmt(moe_train.get("params_active"), "{:,}"), fmt(dense_train.get("params_active"), "{:,}")))
+    rows.append(("training FLOPs", fmt(moe_train.get("train_flops"), "{:.3e}"), fmt(dense_train.get("train_flops"), "{:.3e}")))
+    rows.append(("tokens trained", fmt(moe_train.get("tokens_trained"), "{:,}"), fmt(dense_train.get("tokens_trained"), "{:,}")))
+    for key in ("val_loss", "val_perplexity", "ood_loss", "ood_perplexity"):
+        rows.append((key, fmt(moe.get(key)), fmt(dense.get(key))))
+    for name in sorted(moe["domains"]):
+        rows.append((f"loss: {name}", fmt(moe["domains"][name]["loss"]), fmt(dense.get("domains", {}).get(name, {}).get("loss"))))
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|---|---:|---:|")
+    return "\n".join(lines) + "\n"
+
+
+def run(data_dir: Path, moe_dir: Path, out_dir: Path, dense_dir: Path | None = None, batch_size: int = 16,
+        max_sequences: int = 0) -> dict:
+    """Evaluate the MoE run (and its dense baseline) and write metrics.json, domain_loss.csv, compare.md."""
+    out_dir = Path(out_dir)
+    moe_train = _train_metrics(moe_dir)
+    moe = evaluate_model(Path(moe_dir) / "model", data_dir, batch_size, max_sequences)
+    metrics = {"moe": {k: v for k, v in moe.items() if k != "domains"}}
+    csv = ["model,domain,split,loss"] + [f"moe,{d},{v['split']},{v['loss']:.6f}" for d, v in sorted(moe["domains"].items())]
+    if dense_dir is not None:
+        dense_train = _train_metrics(dense_dir)
+        dense = evaluate_model(Path(dense_dir) / "model", data_dir, batch_size, max_sequences)
+        metrics["dense"] = {k: v for k, v in dense.items() if k != "domains"}
+        if "val_loss" in moe and "val_loss" in dense:
+            metrics["moe_minus_dense_val_loss"] = moe["val_loss"] - dense["val_loss"]
+        csv += [f"dense,{d},{v['split']},{v['loss']:.6f}" for d, v in sorted(dense["domains"].items())]
+        table = comparison_table(moe, dense, moe_train, dense_train)
+    else:
+        table = comparison_table(moe, {"domains": {}}, moe_train, {})
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / "domain_loss.csv").write_text("\n".join(csv) + "\n")
+    (tmp / "compare.md").write_text(table)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return metrics
+
+
+def _train_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {run_dir} the --out directory of a finished `moe-lab pretrain`?")
+    return json.loads(path.read_text())

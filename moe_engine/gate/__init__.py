@@ -1,0 +1,1 @@
+"""Benchmark gate: compare a run's metrics with a committed baseline and fail on regression."""

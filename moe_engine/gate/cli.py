@@ -1,0 +1,40 @@
+"""``moe-lab gate``: fail (exit 1) when a run's metrics regress against the committed baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def run_gate(args: argparse.Namespace) -> int:
+    from moe_engine.gate.gate import GateError, evaluate, load_sources, markdown
+
+    try:
+        if not args.baseline.exists():
+            raise GateError(f"baseline {args.baseline} does not exist")
+        rows, passed = evaluate(json.loads(args.baseline.read_text()), load_sources(args.metrics))
+    except (GateError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = markdown(rows)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        args.out.with_suffix(".json").write_text(json.dumps({"passed": passed, "checks": [r.__dict__ for r in rows]}, indent=2))
+    print("gate: PASSED" if passed else "gate: FAILED (regressions above)")
+    return 0 if passed else 1
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "gate", help="compare metrics with a committed baseline; exit 1 on regression",
+        description="Benchmark gate. Each check in --baseline names a source, a dotted key, the baseline value, "
+        "which direction is better and the tolerated relative change. Prints a markdown diff.",
+    )
+    p.add_argument("--baseline", type=Path, required=True, help="JSON with a 'checks' list (see moe_engine/gate/gate.py)")
+    p.add_argument("--metrics", action="append", default=[], metavar="NAME=PATH", help="a metrics JSON, named as in the checks")
+    p.add_argument("--out", type=Path, help="also write the markdown report here (and a .json beside it)")
+    p.set_defaults(func=run_gate)

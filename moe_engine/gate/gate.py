@@ -1,0 +1,100 @@
+"""Benchmark gate.
+
+A baseline file lists checks; each names a metric in one of the run's metric files by a dotted
+path, its baseline value, whether lower or higher is better, and the change tolerated in the
+bad direction, relative (``tolerance``) or absolute (``tolerance_abs``; the larger wins)::
+
+    {"checks": [
+      {"name": "validation loss", "source": "evaluate", "key": "moe.val_loss",
+       "baseline": 6.2, "better": "lower", "tolerance": 0.05},
+      {"name": "engine vs dense, mixtral-like", "source": "layer_bench",
+       "key": "shapes.mixtral-like.train.engine.fwd_bwd_vs_best_dense",
+       "baseline": 1.17, "better": "lower", "tolerance": 0.10}
+    ]}
+
+``evaluate(...)`` returns rows and whether all passed; ``markdown(rows)`` is the diff table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class GateError(ValueError):
+    """The baseline or a metrics file is malformed or missing a value."""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    baseline: float
+    current: float | None
+    better: str
+    tolerance: float
+    passed: bool
+
+    @property
+    def change(self) -> float | None:
+        if self.current is None or self.baseline == 0:
+            return None
+        return (self.current - self.baseline) / abs(self.baseline)
+
+
+def lookup(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def evaluate(baseline: dict, sources: dict[str, dict]) -> tuple[list[CheckResult], bool]:
+    rows = []
+    for i, check in enumerate(baseline.get("checks", [])):
+        missing = {"name", "source", "key", "baseline", "better"} - set(check)
+        if missing:
+            raise GateError(f"baseline check #{i} lacks {sorted(missing)}")
+        if check["better"] not in ("lower", "higher"):
+            raise GateError(f"check {check['name']!r}: better must be 'lower' or 'higher'")
+        if check["source"] not in sources:
+            raise GateError(f"check {check['name']!r} reads source {check['source']!r}, which was not given (--metrics NAME=PATH)")
+        value = lookup(sources[check["source"]], check["key"])
+        tol = float(check.get("tolerance", 0.0))
+        tol_abs = float(check.get("tolerance_abs", 0.0))
+        base = float(check["baseline"])
+        if not isinstance(value, (int, float)):
+            rows.append(CheckResult(check["name"], base, None, check["better"], tol, False))
+            continue
+        slack = max(abs(base) * tol, tol_abs)
+        ok = value <= base + slack if check["better"] == "lower" else value >= base - slack
+        rows.append(CheckResult(check["name"], base, float(value), check["better"], tol, ok))
+    return rows, all(r.passed for r in rows)
+
+
+def markdown(rows: list[CheckResult]) -> str:
+    lines = ["| check | baseline | current | change | allowed | result |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        current = "missing" if r.current is None else f"{r.current:.4g}"
+        change = "-" if r.change is None else f"{r.change:+.1%}"
+        allowed = f"{'+' if r.better == 'lower' else '-'}{r.tolerance:.0%}"
+        lines.append(f"| {r.name} | {r.baseline:.4g} | {current} | {change} | {allowed} | {'pass' if r.passed else '**REGRESSION**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_sources(items: list[str]) -> dict[str, dict]:
+    sources = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise GateError(f"--metrics expects NAME=PATH, got {item!r}")
+        p = Path(path)
+        if not p.exists():
+            raise GateError(f"metrics file {p} (source {name!r}) does not exist")
+        try:
+            sources[name] = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise GateError(f"{p} is not valid JSON: {exc}") from None
+    return sources
