@@ -34,6 +34,7 @@ class CheckResult:
     better: str
     tolerance: float
     passed: bool
+    slack: float = 0.0  # the allowed change in the bad direction, in the metric's units
 
     @property
     def change(self) -> float | None:
@@ -66,11 +67,11 @@ def evaluate(baseline: dict, sources: dict[str, dict]) -> tuple[list[CheckResult
         tol_abs = float(check.get("tolerance_abs", 0.0))
         base = float(check["baseline"])
         if not isinstance(value, (int, float)):
-            rows.append(CheckResult(check["name"], base, None, check["better"], tol, False))
+            rows.append(CheckResult(check["name"], base, None, check["better"], tol, False, max(abs(base) * tol, tol_abs)))
             continue
         slack = max(abs(base) * tol, tol_abs)
         ok = value <= base + slack if check["better"] == "lower" else value >= base - slack
-        rows.append(CheckResult(check["name"], base, float(value), check["better"], tol, ok))
+        rows.append(CheckResult(check["name"], base, float(value), check["better"], tol, ok, slack))
     return rows, all(r.passed for r in rows)
 
 
@@ -79,7 +80,7 @@ def markdown(rows: list[CheckResult]) -> str:
     for r in rows:
         current = "missing" if r.current is None else f"{r.current:.4g}"
         change = "-" if r.change is None else f"{r.change:+.1%}"
-        allowed = f"{'+' if r.better == 'lower' else '-'}{r.tolerance:.0%}"
+        allowed = f"{'+' if r.better == 'lower' else '-'}{r.slack:.4g}"
         lines.append(f"| {r.name} | {r.baseline:.4g} | {current} | {change} | {allowed} | {'pass' if r.passed else '**REGRESSION**'} |")
     return "\n".join(lines) + "\n"
 

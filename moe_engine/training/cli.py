@@ -40,7 +40,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
-        trainer = Trainer(data=args.data, config=config, out_dir=args.out)
+        trainer = Trainer(data=args.data, config=config, out_dir=args.out, stage=args.section)
         result = trainer.fit()
     except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,8 @@ def dense_baseline(moe_model: torch.nn.Module, match: str) -> torch.nn.Module:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module | None = None, data: str | Path | None = None,
-                 config: PretrainConfig | dict | None = None, out_dir: str | Path = "outputs/pretrain", **overrides):
+                 config: PretrainConfig | dict | None = None, out_dir: str | Path = "outputs/pretrain",
+                 stage: str = "pretrain", **overrides):
         if isinstance(config, PretrainConfig):
             config = {k: getattr(config, k) for k in config.__dataclass_fields__}
         self.config = PretrainConfig.from_dict({**(config or {}), **overrides})
@@ -90,6 +92,7 @@ class Trainer:
         self.model = model
         self.out_dir = Path(out_dir)
         self.logger = None
+        self.stage = stage  # MLflow tag moe_lab.stage: which pipeline stage this run is
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> torch.nn.Module:
@@ -323,12 +326,21 @@ class Trainer:
         return out
 
     def _start_tracking(self, cfg, counts, flops_per_token, world) -> None:
-        if not cfg.mlflow_tracking_uri:
+        """An MLflow run when a tracking URI is configured (or MLFLOW_TRACKING_URI is set), as a child of
+        the pipeline run named by MOE_LAB_PARENT_RUN_ID when a pipeline flow started this stage."""
+        uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
             return
         from moe_engine.tracking.mlflow_run import MLflowRun
 
-        self.logger = MLflowRun(cfg.mlflow_tracking_uri, cfg.experiment, run_name=f"pretrain-{cfg.arch}-{cfg.preset}",
-                                tags={"stage": "pretrain"}, fallback_dir=self.out_dir)
+        tags = {"moe_lab.stage": self.stage, "moe_lab.arch": cfg.arch, "moe_lab.preset": cfg.preset}
+        if os.environ.get("MOE_LAB_PREFECT_FLOW_RUN_ID"):
+            tags["prefect.flow_run_id"] = os.environ["MOE_LAB_PREFECT_FLOW_RUN_ID"]
+        commit = _git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        self.logger = MLflowRun(uri, cfg.experiment, run_name=f"{self.stage}-{cfg.arch}-{cfg.preset}", tags=tags,
+                                parent_run_id=os.environ.get("MOE_LAB_PARENT_RUN_ID") or None, fallback_dir=self.out_dir)
         params = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
         params.update(params_total=counts.total, params_active=counts.active, flops_per_token=flops_per_token, world_size=world)
         self.logger.log_params(params)
@@ -360,6 +372,16 @@ class Trainer:
             f"loss became {loss.item()} at step {step + 1}; stopped before the optimizer applied it ({where}). "
             "Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
         )
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def _is_tied_copy(module, key: str) -> bool:

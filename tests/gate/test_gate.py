@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe_engine.gate.gate import GateError, evaluate, markdown
+
+BASE = {"checks": [
+    {"name": "loss", "source": "ev", "key": "moe.val_loss", "baseline": 5.0, "better": "lower", "tolerance": 0.02},
+    {"name": "speed", "source": "tr", "key": "tokens_per_s", "baseline": 100.0, "better": "higher", "tolerance": 0.1},
+    {"name": "gap", "source": "ev", "key": "gap", "baseline": 0.0, "better": "lower", "tolerance_abs": 0.05},
+]}
+
+
+def test_within_tolerance_passes_and_beyond_fails():
+    ok, passed = evaluate(BASE, {"ev": {"moe": {"val_loss": 5.09}, "gap": 0.05}, "tr": {"tokens_per_s": 90.0}})
+    assert passed and [r.passed for r in ok] == [True, True, True]
+    bad, passed = evaluate(BASE, {"ev": {"moe": {"val_loss": 5.11}, "gap": 0.051}, "tr": {"tokens_per_s": 89.9}})
+    assert not passed and [r.passed for r in bad] == [False, False, False]
+    assert "REGRESSION" in markdown(bad)
+
+
+def test_missing_metric_is_a_failure_and_bad_baselines_are_errors():
+    rows, passed = evaluate(BASE, {"ev": {"moe": {}}, "tr": {"tokens_per_s": 100.0}})
+    assert not passed and rows[0].current is None
+    with pytest.raises(GateError, match="was not given"):
+        evaluate(BASE, {"ev": {}})
+    with pytest.raises(GateError, match="better must be"):
+        evaluate({"checks": [dict(BASE["checks"][0], better="up")]}, {"ev": {}})
+
+
+def test_cli_exit_codes(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps(BASE))
+    (tmp_path / "ev.json").write_text(json.dumps({"moe": {"val_loss": 6.0}, "gap": 0.0}))
+    (tmp_path / "tr.json").write_text(json.dumps({"tokens_per_s": 100.0}))
+    cmd = [sys.executable, "-m", "moe_engine.cli", "gate", "--baseline", str(tmp_path / "b.json"),
+           "--metrics", f"ev={tmp_path / 'ev.json'}", "--metrics", f"tr={tmp_path / 'tr.json'}", "--out", str(tmp_path / "r.md")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1 and "gate: FAILED" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    proc = subprocess.run(cmd[:-2] + ["--metrics", f"tr={tmp_path / 'missing.json'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
