@@ -30,9 +30,15 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: $(STAMP)  ## create .venv and install the project with every extra
 
-demo: setup  ## prepare the demo corpus and train a debug-size MoE on it (CPU)
-	$(BIN)/moe-lab data prepare --out outputs/data
-	$(BIN)/moe-lab pretrain --data outputs/data --out outputs/pretrain
+# The demo is the pipeline itself: dvc repro runs every stage of dvc.yaml that is not up to date
+# (all of them on a fresh clone), logging each run to the project's MLflow store.
+demo: setup  ## run the whole pipeline (dvc repro) on the embedded demo corpus, CPU, ~4 min
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow)/mlflow.db}" \
+		$(BIN)/dvc repro
+	@echo; echo "== MoE vs dense baseline at equal training FLOPs (outputs/evaluate/compare.md)"; cat outputs/evaluate/compare.md
+	@echo "== tokens per expert (outputs/pretrain/tokens_per_expert.json)"; cat outputs/pretrain/tokens_per_expert.json; echo
+	@echo "== router analytics: outputs/analyze/report.html   data report: outputs/data/validation/index.html"
+	@echo "== benchmark gate: outputs/gate/report.md   MLflow UI: make mlflow-ui"
 
 test: setup  ## run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@
     import moe_engine as me
     model = me.build_model("mixtral", preset="tiny")   # HF model with engine MoE layers
     model = me.patch(hf_model)                         # same weights, same outputs, engine layers
-    trainer = me.Trainer(model, data="data/demo")      # the short path
+    trainer = me.Trainer(arch="mixtral", data=prepared_dir)  # the short path (DeepSpeed)
     trainer.fit()
 
 Names resolve lazily, so ``import moe_engine`` is cheap and has no side effects.
@@ -25,7 +25,8 @@ _EXPORTS = {
     "RouterConfig": "moe_engine.moe.router",
     "register_router": "moe_engine.moe.router",
     "Routing": "moe_engine.moe.routing",
-    "Trainer": "moe_engine.training.simple",
+    "Trainer": "moe_engine.training.trainer",
+    "PretrainConfig": "moe_engine.training.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,1 +1,1 @@
-"""Training: the short single-process Trainer (simple.py); DeepSpeed training builds on the same pieces."""
+"""Training on DeepSpeed: Trainer (trainer.py), its config, checkpoints, parallel setup, FLOPs and cost."""
