@@ -39,7 +39,7 @@ class MLflowRun:
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_store_for(tracking_uri))
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -108,6 +108,29 @@ class MLflowRun:
 
         self._retry(self.client.log_inputs, self.run_id, [_dataset_input(dataset, context, InputTag)])
 
+    def log_manifest(self, manifest_path: str | Path, context: str = "training") -> None:
+        """The shards' manifest as an MLflow dataset input (one row per split x domain), so the
+        run's lineage names the exact data, plus the manifest itself as an artifact."""
+        import mlflow.data
+        import pandas as pd
+
+        manifest_path = Path(manifest_path)
+        manifest = json.loads(manifest_path.read_text())
+        rows = [
+            {"split": split, "domain": domain, "sequences": v.get("sequences", 0), "tokens": v.get("tokens", 0)}
+            for split, info in manifest.get("splits", {}).items()
+            for domain, v in info.get("domains", {}).items()
+        ]
+        digest = "".join(shard.get("sha256", "") for info in manifest.get("splits", {}).values() for shard in info.get("shards", []))
+        import hashlib
+
+        dataset = mlflow.data.from_pandas(
+            pd.DataFrame(rows), source=str(manifest_path.resolve()), name=manifest_path.parent.name,
+            digest=hashlib.sha256(digest.encode()).hexdigest()[:16],
+        )
+        self.log_input(dataset, context)
+        self.log_dict(manifest, "data/manifest.json")
+
     # --- background sending
     def _send_some(self) -> bool:
         with self._lock:
@@ -157,6 +180,14 @@ class MLflowRun:
             self._retry(self.client.set_terminated, self.run_id, status, attempts=3)
         except Exception as exc:
             print(f"could not mark MLflow run {self.run_id} {status}: {exc}")
+
+
+def artifact_store_for(tracking_uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database (``<db dir>/artifacts``), not in
+    ./mlruns of whatever directory a stage happened to run in. Servers choose their own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
 
 
 def _dataset_input(dataset, context, InputTag):

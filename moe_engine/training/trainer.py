@@ -344,9 +344,8 @@ class Trainer:
         params = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
         params.update(params_total=counts.total, params_active=counts.active, flops_per_token=flops_per_token, world_size=world)
         self.logger.log_params(params)
-        manifest = self.data / "manifest.json"
-        if manifest.exists():
-            self.logger.log_dict(json.loads(manifest.read_text()), "data/manifest.json")
+        if (self.data / "manifest.json").exists():
+            self.logger.log_manifest(self.data / "manifest.json")
 
     def _finish(self, result: TrainResult) -> None:
         summary = {"final_loss": result.losses[-1] if result.losses else None, "val_loss": result.val_loss,

@@ -80,3 +80,17 @@ def _find_run(uri, experiment):
                                  headers={"Content-Type": "application/json"})
     runs = json.loads(urllib.request.urlopen(req, timeout=10).read()).get("runs", [])
     return runs[0]["info"]["run_id"] if runs else None
+
+
+def test_manifest_is_logged_as_a_dataset_input(demo_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MLflowRun(uri, "inputs", system_metrics=False, fallback_dir=tmp_path)
+    run.log_manifest(demo_data / "manifest.json")
+    run.close()
+    inputs = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "data"
+    assert "manifest.json" in inputs[0].dataset.source and len(inputs[0].dataset.digest) == 16
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    assert '"rows": 1' not in inputs[0].dataset.profile  # one row per split x domain, not a single row
