@@ -12,6 +12,7 @@ exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=200_000, help="bytes read per text file")
     p.add_argument("--min-token-count", type=int, default=8, help="token specialisation: ignore rarer token ids")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--mlflow-uri", help="also log the outputs as artifacts of an MLflow run at this tracking URI")
+    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="also log the outputs as artifacts of an MLflow run at this tracking URI "
+                   "(default: $MLFLOW_TRACKING_URI, so pipeline runs log it)")
     p.add_argument("--mlflow-experiment", default="router-analytics")
     p.set_defaults(func=run)
     return p

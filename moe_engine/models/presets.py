@@ -86,12 +86,13 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny": dict(
             vocab_size=512, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
             num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=8,
-            dropout_rate=0.0, router_jitter_noise=0.0,
+            dropout_rate=0.0, router_jitter_noise=0.0, decoder_start_token_id=0,
         ),
         # Switch Transformers (Fedus et al. 2021), google/switch-base-8 config.json
         "switch-base-8": dict(
             vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
             num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_experts=8, expert_capacity=64,
+            decoder_start_token_id=0,
         ),
     },
 }

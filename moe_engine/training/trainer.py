@@ -315,8 +315,7 @@ class Trainer:
         module.config.save_pretrained(tmp)
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items() if not _is_tied_copy(module, k)}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(_without_tied_copies(state), tmp / "model.safetensors", metadata={"format": "pt"})
         tok = self.data / "tokenizer"
         if tok.is_dir():
             shutil.copytree(tok, tmp, dirs_exist_ok=True)
@@ -383,9 +382,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _is_tied_copy(module, key: str) -> bool:
-    """The untied name of a tied LM head is not saved (transformers re-ties it on load)."""
-    return bool(getattr(module.config, "tie_word_embeddings", False)) and key == "lm_head.weight"
+def _without_tied_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One entry per storage: tied weights (embeddings shared with the LM head or between encoder and
+    decoder) are saved once under their first name; transformers re-ties them on load."""
+    kept, seen = {}, set()
+    for key, tensor in state.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in seen:
+            seen.add(ident)
+            kept[key] = tensor.contiguous()
+    return kept
 
 
 def _load_optimizer(optimizer, state, rank: int) -> None:
