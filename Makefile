@@ -48,3 +48,36 @@ test-fast: setup  ## skip the slow tests
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs mlruns .pytest_cache
+
+# --- orchestration: local services (127.0.0.1 only; state in mlflow/, see mlflow/README.md) -------------
+.PHONY: services-up services-down prefect-up prefect-down mlflow-ui deploy pipeline-flow
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+SERVICES = BIN="$(abspath $(BIN))" PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) mlflow/services.sh
+
+services-up: setup  ## start the MLflow server, the Prefect server + process worker, and deploy prefect.yaml
+	$(SERVICES) up
+	$(MAKE) --no-print-directory deploy
+
+services-down:  ## stop the Prefect worker, the Prefect server and the MLflow server
+	$(SERVICES) down
+
+prefect-up: setup  ## start only the Prefect server + process worker (flows log to mlflow/mlflow.db)
+	$(SERVICES) up prefect
+
+prefect-down:  ## stop only the Prefect worker and server
+	$(SERVICES) down prefect
+
+mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlflow/mlflow.db (foreground; Ctrl-C stops it)
+	$(SERVICES) ui
+
+deploy: setup  ## create the deployments of prefect.yaml (nightly, on-demand, gate) on the running Prefect server
+	PREFECT_HOME="$(abspath mlflow/store/prefect)" PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+		$(BIN)/prefect --no-prompt deploy --all
+
+# Uses the running services when they are up; otherwise a temporary Prefect server and mlflow/mlflow.db.
+pipeline-flow: setup  ## run the pipeline flow once, in this shell; e.g. ARGS="--steps 50 --set pretrain.lr=1e-3"
+	@if curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; then \
+		export PREFECT_HOME="$(abspath mlflow/store/prefect)" PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; fi; \
+	if curl -sf http://127.0.0.1:$(MLFLOW_PORT)/health >/dev/null; then export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT); fi; \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python flows/pipeline.py $(ARGS)

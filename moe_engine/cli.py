@@ -15,6 +15,7 @@ STAGES = (
     "moe_engine.evaluation.cli",
     "moe_engine.analytics.cli",
     "moe_engine.gate.cli",
+    "moe_engine.tracking.cli",
 )
 
 

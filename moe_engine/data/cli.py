@@ -61,6 +61,10 @@ def _shards(args: argparse.Namespace) -> None:
     print(f"shards: {out} ({manifest['documents']} documents, {manifest['tokens']:,} tokens;"
           f" sequences of {manifest['seq_len']}: {splits})")
     print(f"report: {out / manifest['validation']['report']}")
+    from moe_engine.tracking.lineage import stage_run  # a no-op unless MLFLOW_TRACKING_URI is set
+
+    stage_run("data", params=manifest.get("config", {}), metrics={"documents": manifest["documents"], "tokens": manifest["tokens"]},
+              artifacts=[out / "manifest.json"])
 
 
 def _validate(args: argparse.Namespace) -> None:

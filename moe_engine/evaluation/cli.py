@@ -24,6 +24,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from moe_engine.tracking.lineage import stage_run  # a no-op unless MLFLOW_TRACKING_URI is set
+
+    stage_run("evaluate", settings, metrics, [Path(args.out) / "metrics.json", Path(args.out) / "compare.md"])
     print((Path(args.out) / "compare.md").read_text())
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0 if metrics else 1
