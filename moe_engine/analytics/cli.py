@@ -4,8 +4,8 @@
         [--seq-len 128] [--batch-size 8] [--max-tokens 16384] [--max-bytes 200000] [--min-token-count 8] \
         [--device cpu] [--mlflow-uri URI] [--mlflow-experiment router-analytics]
 
-``add_parser(subparsers)`` registers the subcommand on the ``moe-lab`` parser; ``main(argv)`` runs it
-standalone (``python -m moe_engine.analytics.cli analyze ...``). Input problems print one line and
+``add_parser(subparsers)`` registers the subcommand on the ``moe-lab`` parser (``moe_engine/cli.py``;
+``python -m moe_engine.cli analyze ...`` without the console script). Input problems print one line and
 exit with code 2, without a traceback.
 """
 
@@ -66,13 +66,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.report}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-lab")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

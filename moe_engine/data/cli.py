@@ -140,14 +140,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=_guarded(_validate))
     return data
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the data commands alone, as `moe-lab` would: `python -m moe_engine.data.cli data ...`."""
-    parser = argparse.ArgumentParser(prog="moe-lab")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ optimizer partitions are DeepSpeed's (``optimizer.state_dict()`` per rank), as i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,19 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_engine.data.shards import file_sha256
+
 LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or from an incompatible run."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -83,7 +76,7 @@ def save(root: Path, step: int, *, rank: int, world_size: int, ep_rank: int, ep_
     torch.save(rank_state, tmp / f"rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         meta = {"step": step, "world_size": world_size, "ep_size": ep_size, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
@@ -123,7 +116,7 @@ def verify(path: Path) -> dict:
         f = path / file
         if not f.exists():
             raise CheckpointError(f"checkpoint file {f} is missing")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 does not match meta.json")
     return meta
 

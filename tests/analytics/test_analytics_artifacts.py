@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_engine as me
-from moe_engine.analytics import cli
+from moe_engine.cli import main
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from MLflow's SQLAlchemy store
@@ -21,7 +21,7 @@ def test_cli_logs_report_and_metrics_to_mlflow(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["analyze", str(tmp_path / "ckpt"), "--data", str(tmp_path / "ids"), "--out", str(tmp_path / "out"),
             "--seq-len", "32", "--mlflow-uri", uri]
-    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert main(argv) == 0, capsys.readouterr().err
     run_id = capsys.readouterr().out.split("logged to MLflow run ")[1].split()[0]
     client = MlflowClient(uri)
     run = client.get_run(run_id)

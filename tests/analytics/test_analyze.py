@@ -12,6 +12,7 @@ import torch
 
 import moe_engine as me
 from moe_engine.analytics import cli
+from moe_engine.cli import main
 from moe_engine.analytics.data import load_dataset
 
 VOCAB, CHECKPOINTS, HELD_OUT = 2048, (0, 30, 100, 200), 32  # rows per domain kept for analysis
@@ -50,7 +51,7 @@ def test_report_shows_domain_specialisation_and_saturation(trained, capsys):
 
     out = trained / "report"
     checkpoints = [str(trained / f"step{s}") for s in CHECKPOINTS]
-    rc = cli.main(["analyze", *checkpoints, "--data", str(trained / "ids"), "--out", str(out), "--seq-len", "64"])
+    rc = main(["analyze", *checkpoints, "--data", str(trained / "ids"), "--out", str(out), "--seq-len", "64"])
     assert rc == 0, capsys.readouterr().err
     pngs = ["load_heatmap", "coactivation", "domain_specialisation", "saturation"]
     for name in pngs:
@@ -80,7 +81,7 @@ def test_text_folder_and_tokenizer_input(tmp_path, corpus_dir, gpt2_dir, capsys)
         (data / f"{name}.txt.xz").symlink_to(corpus_dir / f"{name}.txt.xz")
     argv = ["analyze", str(tmp_path / "ckpt"), "--data", str(data), "--tokenizer", str(gpt2_dir), "--out", str(tmp_path / "out"),
             "--seq-len", "32", "--max-tokens", "512", "--max-bytes", "20000"]
-    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert main(argv) == 0, capsys.readouterr().err
     html = (tmp_path / "out" / "report.html").read_text()
     assert "kjv_bible (512)" in html and "sqlite_docs (512)" in html
     assert "saturation needs two or more" in html
@@ -106,7 +107,7 @@ def _tiny_ids(tmp_path):
 def test_cli_errors_print_one_line_and_exit_2(tmp_path, capsys, args, message):
     me.build_model("olmoe", preset="tiny", seed=0).save_pretrained(tmp_path / "ckpt")
     torch.save(torch.full((16,), 9000), tmp_path / "big.pt")
-    assert cli.main(["analyze", *args(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["analyze", *args(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_engine.data.cli import main
+from moe_engine.cli import main
 from moe_engine.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def test_config_error_exits_2(tmp_path: Path, capsys):
 def test_module_entry_point_exits_2_without_traceback(tmp_path: Path):
     bad = tmp_path / "empty.txt"
     bad.write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-m", "moe_engine.data.cli", "data", "validate", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "moe_engine.cli", "data", "validate", str(bad)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: data validation failed") and "Traceback" not in proc.stderr
