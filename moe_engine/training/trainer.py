@@ -146,11 +146,6 @@ class Trainer:
                 layer.aux_grad_scale = 1.0 / cfg.grad_accum
         elif cfg.ep_size > 1:
             raise ValueError("ep_size > 1 needs an MoE model (dense baselines have no experts)")
-        monitor = None
-        if is_moe:  # router metrics accumulate on device every forward, reduced across ranks at log steps
-            from moe_engine.analytics.online import MonitorConfig, RouterMonitor
-
-            monitor = RouterMonitor(model, MonitorConfig(**cfg.router_monitor)).attach()
         groups = param_groups(model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -161,6 +156,12 @@ class Trainer:
         engine, optimizer, _, schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._ds_config(bf16)
         )
+        monitor = None
+        if is_moe:  # router metrics accumulate on the device every forward, reduced across ranks at log steps
+            from moe_engine.analytics.online import MonitorConfig, RouterMonitor
+
+            # after deepspeed.initialize: its accumulators live where the engine put the model
+            monitor = RouterMonitor(engine.module, MonitorConfig(**cfg.router_monitor)).attach()
         ep_rank = moe_layers(model)[0].expert_parallel.rank if is_moe and cfg.ep_size > 1 else 0
         writes_model = rank < cfg.ep_size  # one writer per expert-parallel rank (expert-data-parallel rank 0)
 
