@@ -33,7 +33,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=args.steps,
-            micro_batch_size=args.micro_batch_size, ep_size=args.ep_size, zero_stage=1, precision="auto",
+            micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, ep_size=args.ep_size, zero_stage=1, precision="auto",
             log_every=args.measure, save_every=0, eval_batches=0, warmup_steps=5, lr=3e-4,
             dense_baseline=args.dense, router={"aux_loss_coef": 0.01},
         )
@@ -44,6 +44,7 @@ def run(args) -> int:
         row = {
             "label": args.label, "arch": args.arch, "preset": args.preset, "dense_baseline": args.dense,
             "world_size": world, "ep_size": args.ep_size, "micro_batch_size": args.micro_batch_size,
+            "grad_accum": args.grad_accum,
             "seq_len": json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"],
             "tokens_per_s": m["tokens_per_s"], "tokens_per_s_per_gpu": m["tokens_per_s"] / world,
             "mfu": m.get("mfu"), "tflops_per_s_per_gpu": m["tflops_per_s"] / world,
@@ -52,7 +53,7 @@ def run(args) -> int:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "env": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         }
-        row["step_time_s"] = args.micro_batch_size * row["seq_len"] / row["tokens_per_s_per_gpu"]
+        row["step_time_s"] = args.micro_batch_size * args.grad_accum * row["seq_len"] / row["tokens_per_s_per_gpu"]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(row, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k != "env"}))
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dense", default="", choices=["", "active", "total"])
     ap.add_argument("--ep-size", type=int, default=1)
     ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--measure", type=int, default=20, help="steps timed at the end")
     ap.add_argument("--merge", nargs="*", help="row files to merge into --out")
