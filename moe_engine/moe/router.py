@@ -16,6 +16,7 @@ README.md ("A custom router is a few lines") shows a complete one.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -66,8 +67,9 @@ def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
     return add
 
 
-class Router(nn.Module):
-    """Base class: a linear scorer ``weight`` [E, D] and helpers to build a Routing."""
+class Router(nn.Module, abc.ABC):
+    """Base class: a linear scorer ``weight`` [E, D] and helpers to build a Routing. Subclasses
+    implement ``route``."""
 
     def __init__(self, hidden_size: int, config: RouterConfig):
         super().__init__()
@@ -89,8 +91,9 @@ class Router(nn.Module):
             return F.linear(x_TD.float(), self.weight.float())
         return F.linear(x_TD, self.weight)
 
+    @abc.abstractmethod
     def route(self, x_TD: torch.Tensor, group_size: int | None = None) -> Routing:
-        raise NotImplementedError(f"{type(self).__name__} must implement route()")
+        """Decide where each token of ``x_TD`` goes; ``group_size`` is the sequence length (capacity groups)."""
 
     def forward(self, x_TD: torch.Tensor, group_size: int | None = None) -> Routing:
         return self.route(x_TD, group_size)
