@@ -39,16 +39,28 @@ def prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+_SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed() -> tuple[int, int]:
-    """(rank, world_size). A plain single process gets a one-rank group on a free local port."""
+    """(rank, world_size). A plain single process gets a one-rank group on a free local port; the
+    variables that told DeepSpeed so are removed again afterwards, so a child process (a DVC stage,
+    a subprocess test) does not try to join this process's group."""
     prepare_environment()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        added = "RANK" not in os.environ
+        if added:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.setdefault("LOCAL_RANK", "0")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        finally:
+            if added:
+                for key in _SINGLE_PROCESS_VARS:
+                    os.environ.pop(key, None)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

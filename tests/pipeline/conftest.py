@@ -36,6 +36,8 @@ def workspace(tmp_path_factory) -> dict:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     env.pop("PREFECT_API_URL", None)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # stage processes start their own group
+        env.pop(key, None)
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"], ["git", "config", "user.name", "ci"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "debug-size pipeline"]):
         run(cmd, repo, env)
