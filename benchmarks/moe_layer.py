@@ -223,7 +223,6 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
             row["fwd_ms"] = bench(fwd, device, reps)
             if tokens > 64:
                 row["fwd_bwd_ms"] = bench(fwd_bwd, device, reps)
-            del module
         except Exception as exc:  # record why a variant could not run, keep going
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         finally:

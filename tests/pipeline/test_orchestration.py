@@ -150,6 +150,6 @@ def test_lineage_command_walks_back_to_raw_data(workspace):
     assert "@candidate, @champion" in out and "<- pipeline run" in out and "@champion by gate run" in out
     for stage in ["data", "pretrain", "pretrain_dense", "evaluate", "analyze"]:
         assert f"stage {stage}" in out
-    assert f"dep outputs/data" in out and f"{data_md5}  = data out" in out  # pretrain read what data wrote
+    assert "dep outputs/data" in out and f"{data_md5}  = data out" in out  # pretrain read what data wrote
     assert "(reused" in out and "(adopted)" in out
     assert "raw data (manifest.json of run" in out and "data/demo" in out and "milton" in out
