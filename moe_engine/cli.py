@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open MoE Trainer Lab: train, evaluate, analyse and export Mixture-of-Experts models. "
         "Each subcommand is one pipeline stage (the DVC stages in dvc.yaml call them).",
     )
+    # the deepspeed launcher puts --local_rank=N right after the program, before the subcommand
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name in STAGES:
         try:

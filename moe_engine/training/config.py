@@ -27,6 +27,7 @@ class PretrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    fused_adamw: bool = True  # torch's fused AdamW kernel on GPU (one pass over the fp32 master weights); CPU runs the foreach one
     seed: int = 0
     # parallelism and precision
     zero_stage: int = 0  # 0, 1 or 2 (ZeRO-3 is refused by DeepSpeed's MoE support)
@@ -38,6 +39,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     snapshot_every: int = 0  # also export a Hugging Face snapshot every N steps (router analytics over time)
     eval_batches: int = 8  # validation batches at the end (0: none)
+    profile_steps: list[int] = field(default_factory=list)  # [first, last] optimizer steps under torch.profiler -> out_dir/profile/
     # tracking and cost
     mlflow_tracking_uri: str = ""  # "" = no MLflow run; e.g. sqlite:///mlflow/mlflow.db or http://127.0.0.1:5000
     experiment: str = "moe-lab"
@@ -64,6 +66,8 @@ class PretrainConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (self.dense_baseline in ("", "active", "total"), "dense_baseline must be '', 'active' or 'total'"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (not self.profile_steps or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1] <= self.steps),
+             f"profile_steps must be [] or [first, last] with 1 <= first <= last <= steps, got {self.profile_steps}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,7 +3,7 @@
     trainer = Trainer(arch="mixtral", preset="tiny", data="outputs/data", steps=200)
     result = trainer.fit()
 
-Launch the same code on many GPUs with ``deepspeed --num_gpus 8 -m moe_engine.cli pretrain ...``
+Launch the same code on many GPUs with ``deepspeed --num_gpus 8 --module moe_engine.cli pretrain ...``
 or ``torchrun``; ``ep_size`` shards experts over ranks. Each optimizer step: ``grad_accum``
 micro-batches through ``engine.backward`` (aux/z losses ride on the MoE layer outputs, scaled like
 the LM loss), ``engine.step()`` (ZeRO, clipping, the warmup+cosine schedule), then metrics. A
@@ -147,7 +147,10 @@ class Trainer:
         elif cfg.ep_size > 1:
             raise ValueError("ep_size > 1 needs an MoE model (dense baselines have no experts)")
         groups = param_groups(model, cfg.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        # fused: one kernel over each flat fp32 partition ZeRO hands the optimizer, instead of ~a dozen
+        # foreach passes; the step's cost scales with total (not active) parameters, so MoE feels it most
+        fused = cfg.fused_adamw and device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         )
@@ -194,31 +197,37 @@ class Trainer:
         progress = _progress(rank == 0, cfg.steps, start)
         t_last, steps_since = time.perf_counter(), 0
         engine.train()
+        profiler = _Profiler(cfg.profile_steps, self.out_dir / "profile", rank, device)
         for step in range(start, cfg.steps):
+            profiler.before(step + 1)
             step_loss = torch.zeros((), device=device)
             step_counts: dict[str, torch.Tensor] = {}
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = next(batches).to(device)
                 loss = engine(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(loss):
-                    self._diverged(step, loss, ckpt_root)
                 engine.backward(loss)
-                engine.step()
                 step_loss += loss.detach() / cfg.grad_accum
                 for layer, name in layer_names.items():
                     c = layer.last_tokens_per_expert.float()
                     step_counts[name] = step_counts.get(name, 0) + c
-            if world > 1:
+                if micro < cfg.grad_accum - 1:
+                    engine.step()  # accumulates; only the boundary call below applies the optimizer
+            if world > 1:  # every rank sees a NaN from any rank, so all of them stop together
                 dist.all_reduce(step_loss)
                 step_loss /= world
                 for c in step_counts.values():
                     dist.all_reduce(c)
+            loss_value = step_loss.item()  # the step's one host sync
+            if not math.isfinite(loss_value):
+                self._diverged(step, loss_value, ckpt_root)
+            engine.step()
+            profiler.after(step + 1)
             for layer, name in layer_names.items():
                 router = layer.moe_router
                 if hasattr(router, "update_bias"):  # DeepSeek-V3 aux-loss-free balancing, once per step
                     router.update_bias(step_counts[name])
                 run_counts[name] = run_counts.get(name, 0) + step_counts[name]
-            losses.append(step_loss.item())
+            losses.append(loss_value)
             if history is not None:
                 history.write({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0]})
             steps_since += 1
@@ -244,6 +253,7 @@ class Trainer:
                 checkpoint.save(ckpt_root, done, rank=rank, world_size=world, ep_rank=ep_rank, ep_size=cfg.ep_size,
                                 writes_model=writes_model, module=engine.module, rank_state=rank_state, keep=cfg.keep_checkpoints)
         progress.close()
+        profiler.close()
         val_loss = self.evaluate(engine.module, "val", device, world, rank)
         ood_loss = self.evaluate(engine.module, "ood", device, world, rank)
         model_dir = self._export(engine.module, rank, self.out_dir / "model")
@@ -368,7 +378,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.close(status="FAILED")
         raise TrainingDiverged(
-            f"loss became {loss.item()} at step {step + 1}; stopped before the optimizer applied it ({where}). "
+            f"loss became {loss} at step {step + 1}; stopped before the optimizer applied it ({where}). "
             "Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
         )
 
@@ -422,6 +432,50 @@ class _History:
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+
+
+class _Profiler:
+    """torch.profiler over optimizer steps [first, last] (1-based): writes ``ops_rank{r}.txt`` (operators
+    by device time, then by CPU time) and a Chrome/Perfetto trace ``trace_rank{r}.json.gz``."""
+
+    def __init__(self, steps: list[int], out: Path, rank: int, device: torch.device):
+        self.first, self.last = steps if steps else (0, -1)
+        self.out, self.rank, self.device = out, rank, device
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is not None and step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        import gzip
+        import shutil
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages()
+        by_device = "device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        text = (f"optimizer steps {self.first}..{self.last}, rank {self.rank}\n\n"
+                + table.table(sort_by=by_device, row_limit=60) + "\n\n" + table.table(sort_by="cpu_time_total", row_limit=40))
+        (self.out / f"ops_rank{self.rank}.txt").write_text(text)
+        raw = self.out / f".trace_rank{self.rank}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(self.out / f"trace_rank{self.rank}.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
 
 
 class _progress:

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) under torchrun: expert parallelism with ZeRO-2 against plain data
+"""Two CPU processes (gloo) under torchrun or DeepSpeed's launcher: expert parallelism with ZeRO-2 against plain data
 parallelism on the same data. Tolerance: the two runs reduce in different orders, so losses agree
 to float32 rounding amplified by a few Adam steps; 1e-4 relative is far below any real bug (a
 mis-routed expert or a wrongly reduced expert gradient changes the loss in the 2nd decimal)."""
@@ -24,13 +24,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(data, out, arch, ep_size, zero_stage=2, steps=6):
+def _torchrun(data, out, arch, ep_size, zero_stage=2, steps=6, launcher="torchrun"):
     dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    if launcher == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+    else:  # DeepSpeed's own launcher; it adds --local_rank=N before the subcommand
+        env["DS_ACCELERATOR"] = "cpu"
+        launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()), "--module"]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "moe_engine.cli", "pretrain", "--data", str(data), "--out", str(out),
+        *launch, "moe_engine.cli", "pretrain", "--data", str(data), "--out", str(out),
         "--set", f"arch={arch}", "--set", f"ep_size={ep_size}", "--set", f"zero_stage={zero_stage}",
         "--set", f"steps={steps}", "--set", "micro_batch_size=4", "--set", "warmup_steps=1",
         "--set", "save_every=0", "--set", "eval_batches=1", "--set", "log_every=3",
@@ -54,3 +58,10 @@ def test_expert_parallel_zero2_matches_data_parallel(arch, demo_data, tmp_path):
     ids = torch.randint(0, 1024, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, engine(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_deepspeed_launcher_runs_the_same_job_as_torchrun(demo_data, tmp_path):
+    by_torchrun = _torchrun(demo_data, tmp_path / "torchrun", "mixtral", ep_size=2, steps=3)
+    by_deepspeed = _torchrun(demo_data, tmp_path / "deepspeed", "mixtral", ep_size=2, steps=3, launcher="deepspeed")
+    assert by_deepspeed == by_torchrun  # same ranks, same data, same reductions: bitwise
+    assert (tmp_path / "deepspeed" / "model" / "config.json").exists()

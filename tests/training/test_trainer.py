@@ -101,6 +101,33 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_data, tm
     assert len(_history(tmp_path)) == 3  # the diverged step was never recorded as trained
 
 
+def test_nan_in_an_early_micro_batch_stops_before_the_step_that_accumulated_it(demo_data, tmp_path):
+    model = me.build_model("mixtral", vocab_size=1024, seed=0)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # only forward 5: the first of step 3's two micro-batches
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 5 else output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match="step 3.*step_00000002"):
+        Trainer(model, data=demo_data, out_dir=tmp_path, steps=6, save_every=2, grad_accum=2, **FAST).fit()
+    assert calls["n"] == 6 and len(_history(tmp_path)) == 2
+
+
+def test_profiled_steps_write_an_operator_table_and_a_trace(demo_data, tmp_path):
+    import gzip
+
+    Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=3, save_every=0, profile_steps=[2, 3], **FAST).fit()
+    table = (tmp_path / "profile" / "ops_rank0.txt").read_text()
+    assert table.startswith("optimizer steps 2..3") and "aten::mm" in table
+    trace = json.loads(gzip.decompress((tmp_path / "profile" / "trace_rank0.json.gz").read_bytes()))
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names and "Optimizer.step#AdamW.step" in names
+    with pytest.raises(ValueError, match="profile_steps"):
+        Trainer(arch="mixtral", data=demo_data, steps=3, profile_steps=[3, 4])
+
+
 def test_dense_baselines_match_active_and_total_parameters(demo_data, tmp_path):
     from moe_engine.training.flops import count_params
     from moe_engine.training.trainer import dense_baseline
