@@ -1,97 +1,181 @@
 """Pretraining throughput of the real trainer (DeepSpeed engine, bf16, ZeRO-1) on GPUs.
 
-One process per GPU; launch with torchrun for several GPUs. Each run writes one JSON row; ``--merge``
-combines rows into the committed result with the ratios the issue asks for:
+Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s taken over the last
+``--measure`` (the first half warms up: allocator, autotuning, Triton compilation). A run is named
+``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; options are ``gaN``
+(micro-batches per optimizer step, default 1), ``foreach`` (torch's multi-tensor AdamW instead of the
+fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept).
 
-    python benchmarks/pretrain_throughput.py --data D --label moe-1gpu --out rows/a.json
-    python benchmarks/pretrain_throughput.py --data D --label dense-active-1gpu --dense active --out rows/b.json
-    torchrun --nproc_per_node 2 benchmarks/pretrain_throughput.py --data D --label moe-ep2 --ep-size 2 --out rows/c.json
+    # one process, runs in the order given (interleave MoE and dense so drift hits both)
+    python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
+    # several GPUs: one process per GPU, a row per run from rank 0
+    torchrun --nproc_per_node 2 benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe:ep2
+    deepspeed --num_gpus 2 benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe:ep2
+    # the committed result: every MoE/dense pair with the same options, and EP=N vs one GPU
     python benchmarks/pretrain_throughput.py --merge rows/*.json --out benchmarks/results/pretrain_h100.json
 
-tokens/s is measured over the last ``--measure`` steps (after warm-up), so compilation and cache
-warm-up stay out of it. MFU uses PaLM's 6N + 12LDS FLOPs per token (``training/flops.py``).
+MFU uses PaLM's 6N + 12LDS FLOPs per token (``training/flops.py``), N the active parameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+MODELS = {"moe": "", "dense-active": "active", "dense-total": "total"}
 
-def run(args) -> int:
+
+def parse_run(name: str) -> dict:
+    model, *options = name.split(":")
+    if model not in MODELS:
+        raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
+    spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False}
+    for opt in options:
+        if opt.startswith("ga") and opt[2:].isdigit():
+            spec["grad_accum"] = int(opt[2:])
+        elif opt.startswith("ep") and opt[2:].isdigit():
+            spec["ep_size"] = int(opt[2:])
+        elif opt == "foreach":
+            spec["fused"] = False
+        elif opt == "profile":
+            spec["profile"] = True
+        else:
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, foreach, profile)")
+    return spec
+
+
+def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     import torch
     import torch.distributed as dist
 
     from benchmarks.moe_layer import environment
     from moe_engine.training.trainer import Trainer
 
+    steps = 2 * args.measure
+    held_before = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None  # leak check across runs
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
-            data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=args.steps,
-            micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, ep_size=args.ep_size, zero_stage=1, precision="auto",
-            log_every=args.measure, save_every=0, eval_batches=0, warmup_steps=5, lr=3e-4,
-            dense_baseline=args.dense, router={"aux_loss_coef": 0.01},
+            data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=steps,
+            micro_batch_size=args.micro_batch_size, grad_accum=spec["grad_accum"], ep_size=spec["ep_size"], zero_stage=1,
+            precision="auto", fused_adamw=spec["fused"], log_every=args.measure, save_every=0, eval_batches=0,
+            warmup_steps=5, lr=3e-4, dense_baseline=spec["dense"], router={"aux_loss_coef": 0.01},
+            profile_steps=[args.measure // 2, args.measure // 2 + 2] if spec["profile"] else [],
         )
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         result = trainer.fit()
-    world = dist.get_world_size()
-    if dist.get_rank() == 0:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        label = spec["name"].replace(":", "_")
+        if spec["profile"] and rank == 0:
+            shutil.copytree(Path(tmp) / "profile", out_dir / f"profile_{args.preset}_{label}", dirs_exist_ok=True)
+    if rank == 0:
         m = result.metrics
+        seq_len = json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"]
         row = {
-            "label": args.label, "arch": args.arch, "preset": args.preset, "dense_baseline": args.dense,
-            "world_size": world, "ep_size": args.ep_size, "micro_batch_size": args.micro_batch_size,
-            "grad_accum": args.grad_accum,
-            "seq_len": json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"],
+            "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
+            "fused_adamw": spec["fused"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
+            "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
+            "steps": steps, "timed_steps": args.measure,
             "tokens_per_s": m["tokens_per_s"], "tokens_per_s_per_gpu": m["tokens_per_s"] / world,
             "mfu": m.get("mfu"), "tflops_per_s_per_gpu": m["tflops_per_s"] / world,
             "usd_per_million_tokens": m.get("usd_per_million_tokens"),
             "loss_first": result.losses[0], "loss_last": result.losses[-1],
+            "memory_held_before_gib": held_before,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "env": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         }
-        row["step_time_s"] = args.micro_batch_size * args.grad_accum * row["seq_len"] / row["tokens_per_s_per_gpu"]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(row, indent=2))
-        print(json.dumps({k: v for k, v in row.items() if k != "env"}))
+        row["step_time_s"] = args.micro_batch_size * spec["grad_accum"] * seq_len / row["tokens_per_s_per_gpu"]
+        path = out_dir / f"{args.preset}_{label}_{index:02d}.json"
+        path.write_text(json.dumps(row, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
+    del trainer, result
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(args) -> int:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(args.runs):
+        run_one(args, parse_run(name), out_dir, index)
     return 0
 
 
-def merge(files: list[str], out: str) -> int:
-    rows = {r["label"]: r for r in (json.loads(Path(f).read_text()) for f in files)}
+def _options(run: str) -> str:
+    return ":".join(run.split(":")[1:])
+
+
+def _timing_key(run: str) -> str:
+    """``profile`` only touches warm-up steps, so profiled runs count as repeats of the plain run."""
+    return ":".join(part for part in run.split(":") if part != "profile")
+
+
+def merge(files: list[str], out: str, note: str) -> int:
+    """Every MoE run against the dense-active runs with the same options (median over repeats), and
+    each EP/DP run against the one-GPU MoE run with its other options equal."""
+    rows = [json.loads(Path(f).read_text()) for f in sorted(files)]
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["preset"], _timing_key(r["run"])), []).append(r)
+
+    def median(rs, key):
+        return statistics.median(r[key] for r in rs)
+
     summary = {}
-    if "moe-1gpu" in rows and "dense-active-1gpu" in rows:
-        summary["moe_step_time_vs_dense_active"] = rows["moe-1gpu"]["step_time_s"] / rows["dense-active-1gpu"]["step_time_s"]
-    if "moe-1gpu" in rows and "moe-ep2" in rows:
-        summary["ep2_tokens_per_s_per_gpu_vs_1gpu"] = rows["moe-ep2"]["tokens_per_s_per_gpu"] / rows["moe-1gpu"]["tokens_per_s_per_gpu"]
-    if "moe-1gpu" in rows and "moe-dp2" in rows:
-        summary["dp2_tokens_per_s_per_gpu_vs_1gpu"] = rows["moe-dp2"]["tokens_per_s_per_gpu"] / rows["moe-1gpu"]["tokens_per_s_per_gpu"]
-    Path(out).write_text(json.dumps({"summary": summary, "runs": rows}, indent=2))
+    for (preset, run), rs in sorted(by.items()):
+        if run.startswith("moe") and rs[0]["world_size"] == 1:
+            opts = _options(run)
+            dense = by.get((preset, "dense-active" + (":" + opts if opts else "")))
+            entry = {
+                "tokens_per_s": [r["tokens_per_s"] for r in rs], "mfu": [r["mfu"] for r in rs],
+                "step_time_s_median": median(rs, "step_time_s"),
+            }
+            if dense:
+                entry["dense_active_tokens_per_s"] = [r["tokens_per_s"] for r in dense]
+                entry["step_time_vs_dense_active"] = median(rs, "step_time_s") / median(dense, "step_time_s")
+                entry["step_time_vs_dense_active_range"] = [
+                    min(r["step_time_s"] for r in rs) / max(d["step_time_s"] for d in dense),
+                    max(r["step_time_s"] for r in rs) / min(d["step_time_s"] for d in dense),
+                ]
+            summary[f"{preset} {run}"] = entry
+        elif run.startswith("moe") and rs[0]["world_size"] > 1:
+            base_opts = ":".join(o for o in _options(run).split(":") if o and not o.startswith("ep"))
+            single = by.get((preset, "moe" + (":" + base_opts if base_opts else "")))
+            if single:
+                summary[f"{preset} {run}"] = {
+                    "world_size": rs[0]["world_size"], "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rs],
+                    "per_gpu_vs_1gpu": median(rs, "tokens_per_s_per_gpu") / median(single, "tokens_per_s_per_gpu"),
+                }
+    Path(out).write_text(json.dumps({"note": note, "summary": summary, "runs": rows}, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help="a prepared data dir (moe-lab data prepare)")
-    ap.add_argument("--label", default="moe-1gpu")
+    ap.add_argument("--data", help="a prepared data dir (moe-lab data prepare --seq-len 2048)")
+    ap.add_argument("--runs", nargs="*", default=["moe", "dense-active"], help="MODEL[:gaN][:epN][:foreach][:profile] ...")
     ap.add_argument("--arch", default="mixtral")
     ap.add_argument("--preset", default="mixtral-0.8b")
-    ap.add_argument("--dense", default="", choices=["", "active", "total"])
-    ap.add_argument("--ep-size", type=int, default=1)
     ap.add_argument("--micro-batch-size", type=int, default=8)
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--measure", type=int, default=20, help="steps timed at the end")
+    ap.add_argument("--measure", type=int, default=30, help="optimizer steps timed, after as many warm-up steps")
     ap.add_argument("--merge", nargs="*", help="row files to merge into --out")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--note", default="", help="what the merged result is (machine, calls, code state)")
+    ap.add_argument("--out", required=True, help="a directory for rows, or the merged JSON file with --merge")
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = ap.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.note)
+    if not args.data:
+        ap.error("--data is required to run")
     return run(args)
 
 
