@@ -7,7 +7,7 @@
             if step % 50 == 0:
                 mlflow.log_metrics(monitor.compute(), step=step)   # {"router/layer0/load_imbalance": ...}
 
-The routing hook adds a handful of device-side sums per layer (no host sync, no Python numbers from
+The routing hook adds ~25 small device-side kernels per layer (no host sync, no Python numbers from
 tensors), so it costs a few small kernels per step. :meth:`RouterMonitor.compute` is the one sync
 point: it all-reduces the sums (SUM) and the worst-step imbalance (MAX) when torch.distributed is
 initialised, derives each metric from the global totals (a ratio of global sums, not a mean of
@@ -28,10 +28,12 @@ from moe_engine.analytics import metrics as M
 log = logging.getLogger(__name__)
 
 # Layout of a layer's SUM accumulator after its E expert counts (all reduced with SUM across ranks).
+# The first _N_MEASURED slots come from tensors each forward, the rest are per-forward constants.
 _SLOTS = (
-    "tokens", "assignments", "dropped", "entropy", "top1_prob", "top1_margin", "balance_loss", "z_loss", "aux_loss", "steps"
+    "entropy", "top1_prob", "top1_margin", "z_loss", "balance_loss", "aux_loss", "dropped", "tokens", "assignments", "steps"
 )
 _S = {name: i for i, name in enumerate(_SLOTS)}
+_N_MEASURED = 7
 
 
 @dataclass
@@ -75,6 +77,7 @@ class RouterMonitor:
         self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._handles: list = []
         self._sums: list[torch.Tensor] = []
+        self._scale_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_imbalance: list[torch.Tensor] = []
         self.reset()
 
@@ -105,30 +108,56 @@ class RouterMonitor:
 
     @torch.no_grad()
     def _hook(self, layer, routing, counts_E: torch.Tensor) -> None:
+        """Adds one forward's statistics to the layer's accumulator in ~25 small kernels: per-token
+        values are stacked and summed once, and a cached scale vector turns sums into the slots (the
+        metrics of ``metrics.py``: entropy / log E and top-1 prob and margin times T, z loss and balance
+        loss per forward). A layer forward is launch-bound at training sizes; this keeps the hook cheap."""
         if self.config.training_only and not layer.training:
             return
         i = self._index[id(layer)]
-        num_experts = routing.num_experts
+        num_experts, num_tokens = routing.num_experts, routing.num_tokens
+        num_assignments = routing.expert_idx_A.numel()
         counts_E = counts_E.detach().float()
-        probs_TE = routing.probs_TE.detach()
-        top1, margin = M.router_confidence(probs_TE)
-        const = counts_E.new_full  # a fill kernel, not a host-to-device copy
-        aux = sum((v.detach().float() for v in routing.aux_losses.values()), const((), 0.0))
-        step_E = torch.stack([
-            const((), float(routing.num_tokens)),
-            const((), float(routing.expert_idx_A.numel())),
-            (routing.expert_idx_A == num_experts).sum().float(),
-            M.routing_entropy(probs_TE, normalised=True) * routing.num_tokens,
-            top1 * routing.num_tokens,
-            margin * routing.num_tokens,
-            M.balance_loss(probs_TE, counts_E),
-            M.z_loss(routing.logits_TE),
-            aux,
-            const((), 1.0),
+        probs_TE = routing.probs_TE.detach().float()
+        if num_experts >= 2:
+            top_T2 = probs_TE.topk(2, dim=-1).values
+            top1_T, margin_T = top_T2[:, 0], top_T2[:, 0] - top_T2[:, 1]
+        else:  # one expert: the margin is the top-1 probability (metrics.router_confidence)
+            top1_T = margin_T = probs_TE[:, 0]
+        per_token_4 = torch.stack([
+            torch.special.entr(probs_TE).sum(-1), top1_T, margin_T, routing.logits_TE.detach().float().logsumexp(-1).square(),
+        ], dim=1).sum(0)
+        aux = list(routing.aux_losses.values())
+        aux_1 = (torch.stack(aux).sum() if len(aux) > 1 else aux[0]).detach().float().reshape(1) if aux else counts_E.new_zeros(1)
+        measured = torch.cat([
+            counts_E, per_token_4, torch.dot(counts_E, probs_TE.sum(0)).reshape(1), aux_1,
+            (routing.expert_idx_A == num_experts).sum().reshape(1).float(),
         ])
-        self._sums[i][:num_experts] += counts_E
-        self._sums[i][num_experts:] += step_E
-        torch.maximum(self._max_imbalance[i], M.load_imbalance(counts_E), out=self._max_imbalance[i])
+        scale, constants = self._scales(num_experts, num_tokens, num_assignments, measured.device)
+        acc = self._sums[i]
+        acc[: num_experts + _N_MEASURED].addcmul_(measured, scale)
+        acc[num_experts + _N_MEASURED :].add_(constants)
+        torch.maximum(self._max_imbalance[i], counts_E.max() * (num_experts / counts_E.sum().clamp_min(1e-9)),
+                      out=self._max_imbalance[i])
+
+    def _scales(self, num_experts: int, num_tokens: int, num_assignments: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (num_experts, num_tokens, num_assignments, device)
+        cached = self._scale_cache.get(key)
+        if cached is None:
+            t = max(num_tokens, 1)
+            per_slot = {
+                "entropy": 1.0 / math.log(num_experts) if num_experts > 1 else 1.0,  # normalised entropy, times T
+                "top1_prob": 1.0, "top1_margin": 1.0,  # times T
+                "z_loss": 1.0 / t,  # mean logsumexp^2 (ST-MoE eq. 5)
+                "balance_loss": num_experts / t**2,  # E * sum_e (c_e / T) (P_e / T) (Switch eqs. 4-6)
+                "aux_loss": 1.0, "dropped": 1.0,
+            }
+            scale = [1.0] * num_experts + [per_slot[name] for name in _SLOTS[:_N_MEASURED]]
+            constants = [float(num_tokens), float(num_assignments), 1.0]  # tokens, assignments, steps
+            cached = (torch.tensor(scale, dtype=torch.float64, device=device),
+                      torch.tensor(constants, dtype=torch.float64, device=device))
+            self._scale_cache[key] = cached
+        return cached
 
     # -- reduction and logging -------------------------------------------------------------------
     def _reduced(self) -> tuple[list[list[float]], list[float]]:

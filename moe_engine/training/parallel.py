@@ -143,7 +143,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    # one optimizer group per (decay, expert group): DeepSpeed's default splits expert params into
+    # ~179M-element groups, and ZeRO pays a few host syncs per group every step
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]], max_group_size=2**62)
 
 
 def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -119,7 +119,9 @@ class Trainer:
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": zero},
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": bf16},
+            # bf16 needs no loss scale, and DeepSpeed's per-parameter overflow scan costs ~6 kernels per
+            # tensor every step; _check_grad_norm stops on a NaN/inf global norm instead
+            "bf16": {"enabled": bf16, "check_grad_overflow": False},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -197,6 +199,7 @@ class Trainer:
         progress = _progress(rank == 0, cfg.steps, start)
         t_last, steps_since = time.perf_counter(), 0
         engine.train()
+        pending_norm = None  # the last applied step's gradient norm, a device tensor checked at the next sync
         profiler = _Profiler(cfg.profile_steps, self.out_dir / "profile", rank, device)
         for step in range(start, cfg.steps):
             profiler.before(step + 1)
@@ -217,10 +220,15 @@ class Trainer:
                 step_loss /= world
                 for c in step_counts.values():
                     dist.all_reduce(c)
-            loss_value = step_loss.item()  # the step's one host sync
+            if pending_norm is not None:  # the step's one host sync also reads the previous step's grad norm
+                loss_value, norm_value = torch.stack([step_loss.float(), pending_norm.float().to(device)]).tolist()
+                self._check_grad_norm(step, norm_value, ckpt_root)
+            else:
+                loss_value = step_loss.item()
             if not math.isfinite(loss_value):
                 self._diverged(step, loss_value, ckpt_root)
             engine.step()
+            pending_norm = _grad_norm(engine)
             profiler.after(step + 1)
             for layer, name in layer_names.items():
                 router = layer.moe_router
@@ -246,6 +254,7 @@ class Trainer:
             if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
                 self._export(engine.module, rank, self.out_dir / "snapshots" / f"step_{done:08d}")
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+                pending_norm = self._check_grad_norm(done, pending_norm, ckpt_root)  # never save weights a bad step wrote
                 rank_state = {
                     "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "data": data.state_dict(),
                     "rng": checkpoint.rng_state(), "step": done,
@@ -253,6 +262,7 @@ class Trainer:
                 checkpoint.save(ckpt_root, done, rank=rank, world_size=world, ep_rank=ep_rank, ep_size=cfg.ep_size,
                                 writes_model=writes_model, module=engine.module, rank_state=rank_state, keep=cfg.keep_checkpoints)
         progress.close()
+        self._check_grad_norm(cfg.steps, pending_norm, ckpt_root)
         profiler.close()
         val_loss = self.evaluate(engine.module, "val", device, world, rank)
         ood_loss = self.evaluate(engine.module, "ood", device, world, rank)
@@ -372,6 +382,24 @@ class Trainer:
                 self.logger.log_artifact(result.model_dir, "model")
             self.logger.close()
 
+    def _check_grad_norm(self, step: int, norm, ckpt_root) -> None:
+        """Stop if optimizer step ``step`` (1-based) had a NaN/inf gradient norm (DeepSpeed reports one as
+        -1). bf16 runs skip DeepSpeed's per-parameter overflow scan; its global norm, computed for clipping
+        anyway, is checked here instead, one step late but before any checkpoint or export sees the weights."""
+        if norm is None:
+            return None
+        value = float(norm)
+        if math.isfinite(value) and value >= 0:
+            return None
+        last = checkpoint.latest(ckpt_root) if ckpt_root.exists() else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if self.logger is not None:
+            self.logger.close(status="FAILED")
+        raise TrainingDiverged(
+            f"the gradient norm became {'nan/inf' if value == -1 else value} at step {step} while the loss was finite; "
+            f"its weights were not saved ({where}). Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
+        )
+
     def _diverged(self, step, loss, ckpt_root) -> None:
         last = checkpoint.latest(ckpt_root) if ckpt_root.exists() else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -381,6 +409,15 @@ class Trainer:
             f"loss became {loss} at step {step + 1}; stopped before the optimizer applied it ({where}). "
             "Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
         )
+
+
+def _grad_norm(engine) -> torch.Tensor | None:
+    """The global gradient norm of the step just applied, left on the device (no sync); None when
+    DeepSpeed computes none (ZeRO-0 keeps it inside torch's clip_grad_norm_)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return norm.detach().reshape(()) if torch.is_tensor(norm) else torch.tensor(float(norm))
 
 
 def _git_commit() -> str | None:

@@ -115,6 +115,22 @@ def test_nan_in_an_early_micro_batch_stops_before_the_step_that_accumulated_it(d
     assert calls["n"] == 6 and len(_history(tmp_path)) == 2
 
 
+@pytest.mark.parametrize("poisoned_backward", [3, 4])  # 4: the step right before a checkpoint
+def test_nan_gradient_with_a_finite_loss_stops_the_run_before_its_weights_are_saved(poisoned_backward, demo_data, tmp_path):
+    model = me.build_model("mixtral", vocab_size=1024, seed=0)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == poisoned_backward else grad
+
+    model.lm_head.weight.register_hook(poison)
+    with pytest.raises(TrainingDiverged, match=f"gradient norm became (nan|inf|nan/inf) at step {poisoned_backward} .*step_00000002"):
+        Trainer(model, data=demo_data, out_dir=tmp_path, steps=8, save_every=2, zero_stage=1, **FAST).fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert len(_history(tmp_path)) == poisoned_backward  # its loss was finite; the next step never ran
+
+
 def test_profiled_steps_write_an_operator_table_and_a_trace(demo_data, tmp_path):
     import gzip
 
