@@ -3,8 +3,10 @@
 Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s taken over the last
 ``--measure`` (the first half warms up: allocator, autotuning, Triton compilation). A run is named
 ``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; options are ``gaN``
-(micro-batches per optimizer step, default 1), ``foreach`` (torch's multi-tensor AdamW instead of the
-fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept).
+(micro-batches per optimizer step, default 1), ``epN`` (expert-parallel ranks), ``z2`` (ZeRO-2
+instead of ZeRO-1), ``foreach`` (torch's multi-tensor AdamW instead of the
+fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
+profiled runs are left out of the merged timings: launches stay slower after the profiler stops).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -37,7 +39,7 @@ def parse_run(name: str) -> dict:
     model, *options = name.split(":")
     if model not in MODELS:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
-    spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False}
+    spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -47,8 +49,10 @@ def parse_run(name: str) -> dict:
             spec["fused"] = False
         elif opt == "profile":
             spec["profile"] = True
+        elif opt.startswith("z") and opt[1:] in ("1", "2"):
+            spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, foreach, profile)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z1, z2, foreach, profile)")
     return spec
 
 
@@ -64,7 +68,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=steps,
-            micro_batch_size=args.micro_batch_size, grad_accum=spec["grad_accum"], ep_size=spec["ep_size"], zero_stage=1,
+            micro_batch_size=args.micro_batch_size, grad_accum=spec["grad_accum"], ep_size=spec["ep_size"], zero_stage=spec["zero"],
             precision="auto", fused_adamw=spec["fused"], log_every=args.measure, save_every=0, eval_batches=0,
             warmup_steps=5, lr=3e-4, dense_baseline=spec["dense"], router={"aux_loss_coef": 0.01},
             profile_steps=[args.measure // 2, args.measure // 2 + 2] if spec["profile"] else [],
@@ -80,7 +84,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
         seq_len = json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"]
         row = {
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
-            "fused_adamw": spec["fused"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
+            "fused_adamw": spec["fused"], "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
             "tokens_per_s": m["tokens_per_s"], "tokens_per_s_per_gpu": m["tokens_per_s"] / world,
@@ -92,7 +96,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
             "env": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         }
         row["step_time_s"] = args.micro_batch_size * spec["grad_accum"] * seq_len / row["tokens_per_s_per_gpu"]
-        path = out_dir / f"{args.preset}_{label}_{index:02d}.json"
+        path = out_dir / f"{args.preset}_{label}_w{world}_{index:02d}.json"
         path.write_text(json.dumps(row, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
     del trainer, result
@@ -113,9 +117,6 @@ def _options(run: str) -> str:
     return ":".join(run.split(":")[1:])
 
 
-def _timing_key(run: str) -> str:
-    """``profile`` only touches warm-up steps, so profiled runs count as repeats of the plain run."""
-    return ":".join(part for part in run.split(":") if part != "profile")
 
 
 def merge(files: list[str], out: str, note: str) -> int:
@@ -124,16 +125,17 @@ def merge(files: list[str], out: str, note: str) -> int:
     rows = [json.loads(Path(f).read_text()) for f in sorted(files)]
     by: dict[tuple, list[dict]] = {}
     for r in rows:
-        by.setdefault((r["preset"], _timing_key(r["run"])), []).append(r)
+        if not r["profiled_steps"]:  # CUPTI keeps slowing kernel launches after the profiler stops
+            by.setdefault((r["preset"], r["run"], r["world_size"]), []).append(r)
 
     def median(rs, key):
         return statistics.median(r[key] for r in rs)
 
     summary = {}
-    for (preset, run), rs in sorted(by.items()):
-        if run.startswith("moe") and rs[0]["world_size"] == 1:
+    for (preset, run, world), rs in sorted(by.items()):
+        if run.startswith("moe") and world == 1:
             opts = _options(run)
-            dense = by.get((preset, "dense-active" + (":" + opts if opts else "")))
+            dense = by.get((preset, "dense-active" + (":" + opts if opts else ""), 1))
             entry = {
                 "tokens_per_s": [r["tokens_per_s"] for r in rs], "mfu": [r["mfu"] for r in rs],
                 "step_time_s_median": median(rs, "step_time_s"),
@@ -146,12 +148,12 @@ def merge(files: list[str], out: str, note: str) -> int:
                     max(r["step_time_s"] for r in rs) / min(d["step_time_s"] for d in dense),
                 ]
             summary[f"{preset} {run}"] = entry
-        elif run.startswith("moe") and rs[0]["world_size"] > 1:
+        elif run.startswith("moe") and world > 1:
             base_opts = ":".join(o for o in _options(run).split(":") if o and not o.startswith("ep"))
-            single = by.get((preset, "moe" + (":" + base_opts if base_opts else "")))
+            single = by.get((preset, "moe" + (":" + base_opts if base_opts else ""), 1))
             if single:
-                summary[f"{preset} {run}"] = {
-                    "world_size": rs[0]["world_size"], "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rs],
+                summary[f"{preset} {run} x{world}"] = {
+                    "world_size": world, "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rs],
                     "per_gpu_vs_1gpu": median(rs, "tokens_per_s_per_gpu") / median(single, "tokens_per_s_per_gpu"),
                 }
     Path(out).write_text(json.dumps({"note": note, "summary": summary, "runs": rows}, indent=2))
@@ -162,7 +164,7 @@ def merge(files: list[str], out: str, note: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="a prepared data dir (moe-lab data prepare --seq-len 2048)")
-    ap.add_argument("--runs", nargs="*", default=["moe", "dense-active"], help="MODEL[:gaN][:epN][:foreach][:profile] ...")
+    ap.add_argument("--runs", nargs="*", default=["moe", "dense-active"], help="MODEL[:gaN][:epN][:z2][:foreach][:profile] ...")
     ap.add_argument("--arch", default="mixtral")
     ap.add_argument("--preset", default="mixtral-0.8b")
     ap.add_argument("--micro-batch-size", type=int, default=8)
