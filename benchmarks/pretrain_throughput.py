@@ -96,7 +96,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
             "env": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         }
         row["step_time_s"] = args.micro_batch_size * spec["grad_accum"] * seq_len / row["tokens_per_s_per_gpu"]
-        path = out_dir / f"{args.preset}_{label}_w{world}_{index:02d}.json"
+        path = out_dir / f"{args.preset}_mb{args.micro_batch_size}_{label}_w{world}_{index:02d}.json"
         path.write_text(json.dumps(row, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
     del trainer, result
@@ -120,24 +120,30 @@ def _options(run: str) -> str:
 
 
 def merge(files: list[str], out: str, note: str) -> int:
-    """Every MoE run against the dense-active runs with the same options (median over repeats), and
-    each EP/DP run against the one-GPU MoE run with its other options equal."""
-    rows = [json.loads(Path(f).read_text()) for f in sorted(files)]
+    """Every MoE run against the dense-active runs with the same options and micro-batch (median over
+    repeats), and each multi-GPU MoE run against the one-GPU MoE run with its other options equal.
+    Rows are only compared within one folder: put each device call's rows in its own folder."""
+    rows = []
+    for f in sorted(files):
+        row = json.loads(Path(f).read_text())
+        row["source"] = Path(f).parent.name
+        rows.append(row)
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r["profiled_steps"]:  # CUPTI keeps slowing kernel launches after the profiler stops
-            by.setdefault((r["preset"], r["run"], r["world_size"]), []).append(r)
+            by.setdefault((r["source"], r["preset"], r["micro_batch_size"], r["run"], r["world_size"]), []).append(r)
 
     def median(rs, key):
         return statistics.median(r[key] for r in rs)
 
     summary = {}
-    for (preset, run, world), rs in sorted(by.items()):
+    for (source, preset, mb, run, world), rs in sorted(by.items()):
+        name = f"{source}: {preset} mb{mb} {run}"
         if run.startswith("moe") and world == 1:
             opts = _options(run)
-            dense = by.get((preset, "dense-active" + (":" + opts if opts else ""), 1))
+            dense = by.get((source, preset, mb, "dense-active" + (":" + opts if opts else ""), 1))
             entry = {
-                "tokens_per_s": [r["tokens_per_s"] for r in rs], "mfu": [r["mfu"] for r in rs],
+                "device": rs[0]["env"]["device"], "tokens_per_s": [r["tokens_per_s"] for r in rs], "mfu": [r["mfu"] for r in rs],
                 "step_time_s_median": median(rs, "step_time_s"),
             }
             if dense:
@@ -147,17 +153,18 @@ def merge(files: list[str], out: str, note: str) -> int:
                     min(r["step_time_s"] for r in rs) / max(d["step_time_s"] for d in dense),
                     max(r["step_time_s"] for r in rs) / min(d["step_time_s"] for d in dense),
                 ]
-            summary[f"{preset} {run}"] = entry
+            summary[name] = entry
         elif run.startswith("moe") and world > 1:
             base_opts = ":".join(o for o in _options(run).split(":") if o and not o.startswith("ep"))
-            single = by.get((preset, "moe" + (":" + base_opts if base_opts else ""), 1))
+            single = by.get((source, preset, mb, "moe" + (":" + base_opts if base_opts else ""), 1))
             if single:
-                summary[f"{preset} {run} x{world}"] = {
-                    "world_size": world, "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rs],
+                summary[f"{name} x{world}"] = {
+                    "device": rs[0]["env"]["device"], "world_size": world,
+                    "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rs],
                     "per_gpu_vs_1gpu": median(rs, "tokens_per_s_per_gpu") / median(single, "tokens_per_s_per_gpu"),
                 }
     Path(out).write_text(json.dumps({"note": note, "summary": summary, "runs": rows}, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: {m: v[m] for m in v if "vs" in m} for k, v in summary.items()}, indent=2))
     return 0
 
 
@@ -167,7 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="*", default=["moe", "dense-active"], help="MODEL[:gaN][:epN][:z2][:foreach][:profile] ...")
     ap.add_argument("--arch", default="mixtral")
     ap.add_argument("--preset", default="mixtral-0.8b")
-    ap.add_argument("--micro-batch-size", type=int, default=8)
+    # 16 x 2048 tokens: what fits an 80 GB card with its optimizer state; at 8 the MoE forward is
+    # launch-bound on some hosts (see benchmarks/NOTES.md)
+    ap.add_argument("--micro-batch-size", type=int, default=16)
     ap.add_argument("--measure", type=int, default=30, help="optimizer steps timed, after as many warm-up steps")
     ap.add_argument("--merge", nargs="*", help="row files to merge into --out")
     ap.add_argument("--note", default="", help="what the merged result is (machine, calls, code state)")
