@@ -19,16 +19,24 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max_sequences: int = 0) -> np.ndarray:
-    """[N] mean next-token loss of each sequence of a split, in shard order."""
+    """[N] mean next-token loss of each sequence of a split, in shard order. Encoder-decoder models
+    (Switch) get their pretraining objective instead: the loss on the spans removed by T5 span
+    corruption (15% of tokens, mean span 3), with the same seeded noise for every model compared."""
     from moe_engine.data.loader import ShardDataset
+    from moe_engine.data.span_corruption import SpanCorruption
 
     data = ShardDataset(data_dir, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False)
     device = next(model.parameters()).device
     losses = []
-    for batch in data:
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        loss_BT = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+    for i, batch in enumerate(data):
+        if model.config.is_encoder_decoder:
+            inputs, targets = SpanCorruption(batch.shape[1])(batch, model.config.vocab_size, torch.Generator().manual_seed(i))
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(input_ids=inputs, labels=targets).logits.float()
+        else:
+            targets = batch[:, 1:].to(device)
+            logits = model(input_ids=batch.to(device)).logits[:, :-1].float()
+        loss_BT = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         losses.append(loss_BT.mean(1).cpu())
         if max_sequences and sum(len(x) for x in losses) >= max_sequences:
             break

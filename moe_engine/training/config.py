@@ -16,6 +16,9 @@ class PretrainConfig:
     router: dict[str, Any] = field(default_factory=dict)  # RouterConfig overrides (aux_loss_coef, kind, ...)
     router_monitor: dict[str, Any] = field(default_factory=dict)  # analytics.online.MonitorConfig (alert thresholds)
     dense_baseline: str = ""  # "" (train the MoE) | "active" | "total": a dense model matched on those params
+    # encoder-decoder models (switch) pretrain with T5 span corruption (moe_engine.data.span_corruption)
+    noise_density: float = 0.15  # share of each sequence's tokens removed into spans
+    mean_noise_span_length: float = 3.0
     # optimisation
     steps: int = 300
     micro_batch_size: int = 8
@@ -66,6 +69,8 @@ class PretrainConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (self.dense_baseline in ("", "active", "total"), "dense_baseline must be '', 'active' or 'total'"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0.0 < self.noise_density < 1.0 and self.mean_noise_span_length >= 1.0,
+             "noise_density must be in (0, 1) and mean_noise_span_length >= 1"),
             (not self.profile_steps or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1] <= self.steps),
              f"profile_steps must be [] or [first, last] with 1 <= first <= last <= steps, got {self.profile_steps}"),
         ]

@@ -93,22 +93,48 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.logger = None
         self.stage = stage  # MLflow tag moe_lab.stage: which pipeline stage this run is
+        self._corrupt = None  # SpanCorruption, for encoder-decoder models
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> torch.nn.Module:
         from moe_engine.models.build import build_model
 
+        from moe_engine.models.build import model_config
+
         cfg = self.config
         vocab = _vocab_size(self.data)
         model = self.model
         if model is None:
+            if model_config(cfg.arch, cfg.preset).is_encoder_decoder:  # room for the span-corruption sentinels
+                vocab += self._span_corruption().num_spans
             model = build_model(cfg.arch, cfg.preset, seed=cfg.seed, router=cfg.router, **{"vocab_size": vocab, **cfg.model})
+        elif model.config.is_encoder_decoder:
+            vocab += self._span_corruption().num_spans
         if model.config.vocab_size < vocab:
-            raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the data's tokenizer ({vocab})")
+            raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the data's tokenizer "
+                             f"({vocab}, sentinel ids for span corruption included)")
         if cfg.dense_baseline:
             torch.manual_seed(cfg.seed)
             model = dense_baseline(model, cfg.dense_baseline)
         return model
+
+    def _span_corruption(self):
+        from moe_engine.data.span_corruption import SpanCorruption
+
+        seq_len = int(json.loads((self.data / "manifest.json").read_text())["seq_len"])
+        return SpanCorruption(seq_len, self.config.noise_density, self.config.mean_noise_span_length)
+
+    def _inputs(self, model, batch_BL: torch.Tensor, noise_key: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Model kwargs for one batch: next-token prediction for decoder-only models, span corruption
+        (T5's objective) for encoder-decoder ones, whose labels would otherwise be a copy of the input.
+        The corruption noise is a function of ``noise_key``, so a resumed run replays it."""
+        if not model.config.is_encoder_decoder:
+            return {"input_ids": batch_BL, "labels": batch_BL}
+        if self._corrupt is None:
+            self._corrupt = self._span_corruption()
+        generator = torch.Generator().manual_seed(hash(noise_key) & (2**63 - 1))  # ints hash the same in every process
+        input_ids, labels = self._corrupt(batch_BL.cpu(), model.config.vocab_size, generator)
+        return {"input_ids": input_ids.to(batch_BL.device), "labels": labels.to(batch_BL.device)}
 
     def _ds_config(self, bf16: bool) -> dict:
         cfg = self.config
@@ -207,7 +233,7 @@ class Trainer:
             step_counts: dict[str, torch.Tensor] = {}
             for micro in range(cfg.grad_accum):
                 batch = next(batches).to(device)
-                loss = engine(input_ids=batch, labels=batch).loss
+                loss = engine(**self._inputs(engine.module, batch, (cfg.seed, step, micro, rank))).loss
                 engine.backward(loss)
                 step_loss += loss.detach() / cfg.grad_accum
                 for layer, name in layer_names.items():
@@ -309,7 +335,7 @@ class Trainer:
             if i >= self.config.eval_batches:
                 break
             batch = batch.to(device)
-            total += module(input_ids=batch, labels=batch).loss.float()
+            total += module(**self._inputs(module, batch, (-1, i, rank))).loss.float()  # the same noise for every model
             n += 1
         if world > 1:
             import torch.distributed as dist

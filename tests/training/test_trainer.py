@@ -168,3 +168,27 @@ def test_every_architecture_trains_and_exports(arch, demo_data, tmp_path):
     if arch == "deepseek_v3":  # the aux-loss-free bias moved with the observed load
         bias = reloaded.model.layers[1].mlp.gate.e_score_correction_bias
         assert bias.abs().sum() > 0
+
+
+def test_switch_pretrains_on_span_corruption_reproducibly(demo_data, tmp_path):
+    from moe_engine.data.span_corruption import SpanCorruption
+
+    calls = []
+    model = me.build_model("switch", vocab_size=1024 + SpanCorruption(64).num_spans, seed=0)
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    first = Trainer(model, data=demo_data, out_dir=tmp_path / "a", steps=4, save_every=0, **FAST).fit()
+    sc = SpanCorruption(64)
+    train = [kw for kw in calls if kw["input_ids"].shape[0] == FAST["micro_batch_size"]][:4]
+    for kw in train:  # the encoder sees the corrupted text, the decoder predicts the removed spans
+        assert kw["input_ids"].shape[1] == sc.input_length and kw["labels"].shape[1] == sc.target_length
+        assert (kw["labels"][:, 0] == model.config.vocab_size - 1).all()
+    assert not torch.equal(train[0]["input_ids"], train[1]["input_ids"])
+    again = Trainer(arch="switch", data=demo_data, out_dir=tmp_path / "b", steps=4, save_every=0, **FAST).fit()
+    assert again.losses == first.losses  # same seed: same corruption noise, same built model
+    assert me.load(again.model_dir).config.vocab_size == 1024 + sc.num_spans
+    from moe_engine.evaluation.evaluate import evaluate_model  # the evaluate stage scores it the same way
+
+    scores = evaluate_model(again.model_dir, demo_data, max_sequences=8)
+    assert math.isfinite(scores["val_loss"]) and scores["val_loss"] < math.log(1024) + 1
+    with pytest.raises(ValueError, match="sentinel"):
+        Trainer(me.build_model("switch", vocab_size=1024), data=demo_data, out_dir=tmp_path / "c", steps=1).fit()
