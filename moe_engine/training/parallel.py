@@ -119,6 +119,9 @@ def shard_experts(model: nn.Module, ep_size: int) -> None:
             if ep_size > 1:
                 param = nn.Parameter(param.data[local].clone())
                 setattr(layer.experts, name, param)
+        # every expert parameter (fused tensors, or one module per expert at ep_size 1) goes into
+        # DeepSpeed's MoE optimizer groups, which ZeRO >= 1 requires once the layer is marked as MoE
+        for param in layer.experts.parameters():
             param.allreduce = False
             param.group_name = group_name
         if ep_size > 1:
