@@ -33,7 +33,7 @@ _SLOTS = (
     "entropy", "top1_prob", "top1_margin", "z_loss", "balance_loss", "aux_loss", "dropped", "tokens", "assignments", "steps"
 )
 _S = {name: i for i, name in enumerate(_SLOTS)}
-_N_MEASURED = 7
+_N_MEASURED = _SLOTS.index("tokens")
 
 
 @dataclass
@@ -127,18 +127,17 @@ class RouterMonitor:
         per_token_4 = torch.stack([
             torch.special.entr(probs_TE).sum(-1), top1_T, margin_T, routing.logits_TE.detach().float().logsumexp(-1).square(),
         ], dim=1).sum(0)
-        aux = list(routing.aux_losses.values())
-        aux_1 = (torch.stack(aux).sum() if len(aux) > 1 else aux[0]).detach().float().reshape(1) if aux else counts_E.new_zeros(1)
+        aux = layer.last_aux_loss  # the layer summed its aux losses just before calling the hooks
+        aux_1 = aux.float().reshape(1) if aux is not None else counts_E.new_zeros(1)
         measured = torch.cat([
             counts_E, per_token_4, torch.dot(counts_E, probs_TE.sum(0)).reshape(1), aux_1,
-            (routing.expert_idx_A == num_experts).sum().reshape(1).float(),
+            routing.num_dropped().reshape(1).float(),
         ])
         scale, constants = self._scales(num_experts, num_tokens, num_assignments, measured.device)
         acc = self._sums[i]
         acc[: num_experts + _N_MEASURED].addcmul_(measured, scale)
         acc[num_experts + _N_MEASURED :].add_(constants)
-        torch.maximum(self._max_imbalance[i], counts_E.max() * (num_experts / counts_E.sum().clamp_min(1e-9)),
-                      out=self._max_imbalance[i])
+        torch.maximum(self._max_imbalance[i], M.load_imbalance(counts_E), out=self._max_imbalance[i])
 
     def _scales(self, num_experts: int, num_tokens: int, num_assignments: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (num_experts, num_tokens, num_assignments, device)

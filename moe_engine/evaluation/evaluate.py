@@ -27,12 +27,14 @@ def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max
 
     data = ShardDataset(data_dir, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False)
     device = next(model.parameters()).device
+    corrupt = SpanCorruption(data.seq_len) if model.config.is_encoder_decoder else None
     losses = []
     for i, batch in enumerate(data):
-        if model.config.is_encoder_decoder:
-            inputs, targets = SpanCorruption(batch.shape[1])(batch, model.config.vocab_size, torch.Generator().manual_seed(i))
+        if corrupt is not None:
+            inputs, targets = corrupt(batch, model.config.vocab_size, torch.Generator().manual_seed(i))
             inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(input_ids=inputs, labels=targets).logits.float()
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=targets)  # teacher forcing, no loss
+            logits = model(input_ids=inputs, decoder_input_ids=decoder_input_ids).logits.float()
         else:
             targets = batch[:, 1:].to(device)
             logits = model(input_ids=batch.to(device)).logits[:, :-1].float()

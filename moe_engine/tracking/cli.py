@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def run_lineage(args: argparse.Namespace) -> int:
     import os
 
     from moe_engine.tracking.lineage import LineageError, describe, tracking_uri
+    from moe_engine.tracking.mlflow_run import sqlite_path
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stdout the chain only
     uri = tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():  # reading must not create a store
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():  # reading must not create a store
         print(f"error: no MLflow store at {uri}; run the pipeline first or pass --tracking-uri", file=sys.stderr)
         return 2
     try:

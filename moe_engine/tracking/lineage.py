@@ -60,17 +60,19 @@ def tracking_uri(uri: str | None = None, root: str | Path | None = None) -> str:
 def _client(uri: str | None):
     from mlflow.tracking import MlflowClient
 
+    from moe_engine.tracking.mlflow_run import sqlite_path
+
     uri = tracking_uri(uri)
-    if uri.startswith("sqlite:///"):  # sqlite does not create the folder of its file
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)
+    if db is not None:  # sqlite does not create the folder of its file
+        db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(uri)
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
-    from moe_engine.tracking.mlflow_run import artifact_store_for
+    from moe_engine.tracking.mlflow_run import experiment_id
 
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_store_for(uri))
+    return experiment_id(client, name, uri)
 
 
 def git_commit(root: str | Path = ".") -> str | None:

@@ -38,8 +38,7 @@ class MLflowRun:
 
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_store_for(tracking_uri))
+        exp_id = experiment_id(self.client, experiment, tracking_uri)
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -182,12 +181,22 @@ class MLflowRun:
             print(f"could not mark MLflow run {self.run_id} {status}: {exc}")
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
 def artifact_store_for(tracking_uri: str) -> str | None:
     """Artifacts of a local sqlite store live beside the database (``<db dir>/artifacts``), not in
     ./mlruns of whatever directory a stage happened to run in. Servers choose their own."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    db = sqlite_path(tracking_uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+
+
+def experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (with :func:`artifact_store_for`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_store_for(tracking_uri))
 
 
 def _dataset_input(dataset, context, InputTag):

@@ -97,41 +97,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_model(self) -> torch.nn.Module:
-        from moe_engine.models.build import build_model
-
-        from moe_engine.models.build import model_config
+        from moe_engine.data.span_corruption import SpanCorruption
+        from moe_engine.models.build import build_model, model_config
 
         cfg = self.config
         vocab = _vocab_size(self.data)
         model = self.model
+        if (model.config if model is not None else model_config(cfg.arch, cfg.preset)).is_encoder_decoder:
+            seq_len = int(json.loads((self.data / "manifest.json").read_text())["seq_len"])
+            self._corrupt = SpanCorruption(seq_len, cfg.noise_density, cfg.mean_noise_span_length)
+            vocab += self._corrupt.num_spans  # room for the span-corruption sentinels
         if model is None:
-            if model_config(cfg.arch, cfg.preset).is_encoder_decoder:  # room for the span-corruption sentinels
-                vocab += self._span_corruption().num_spans
             model = build_model(cfg.arch, cfg.preset, seed=cfg.seed, router=cfg.router, **{"vocab_size": vocab, **cfg.model})
-        elif model.config.is_encoder_decoder:
-            vocab += self._span_corruption().num_spans
         if model.config.vocab_size < vocab:
             raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the data's tokenizer "
                              f"({vocab}, sentinel ids for span corruption included)")
         if cfg.dense_baseline:
             torch.manual_seed(cfg.seed)
             model = dense_baseline(model, cfg.dense_baseline)
+            self._corrupt = None  # the dense baseline is decoder-only: next-token prediction
         return model
-
-    def _span_corruption(self):
-        from moe_engine.data.span_corruption import SpanCorruption
-
-        seq_len = int(json.loads((self.data / "manifest.json").read_text())["seq_len"])
-        return SpanCorruption(seq_len, self.config.noise_density, self.config.mean_noise_span_length)
 
     def _inputs(self, model, batch_BL: torch.Tensor, noise_key: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Model kwargs for one batch: next-token prediction for decoder-only models, span corruption
         (T5's objective) for encoder-decoder ones, whose labels would otherwise be a copy of the input.
         The corruption noise is a function of ``noise_key``, so a resumed run replays it."""
-        if not model.config.is_encoder_decoder:
-            return {"input_ids": batch_BL, "labels": batch_BL}
         if self._corrupt is None:
-            self._corrupt = self._span_corruption()
+            return {"input_ids": batch_BL, "labels": batch_BL}
         generator = torch.Generator().manual_seed(hash(noise_key) & (2**63 - 1))  # ints hash the same in every process
         input_ids, labels = self._corrupt(batch_BL.cpu(), model.config.vocab_size, generator)
         return {"input_ids": input_ids.to(batch_BL.device), "labels": labels.to(batch_BL.device)}
@@ -280,7 +272,8 @@ class Trainer:
             if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.steps:
                 self._export(engine.module, rank, self.out_dir / "snapshots" / f"step_{done:08d}")
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
-                pending_norm = self._check_grad_norm(done, pending_norm, ckpt_root)  # never save weights a bad step wrote
+                self._check_grad_norm(done, pending_norm, ckpt_root)  # never save weights a bad step wrote
+                pending_norm = None
                 rank_state = {
                     "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "data": data.state_dict(),
                     "rng": checkpoint.rng_state(), "step": done,
@@ -377,12 +370,13 @@ class Trainer:
         uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if not uri:
             return
+        from moe_engine.tracking.lineage import git_commit
         from moe_engine.tracking.mlflow_run import MLflowRun
 
         tags = {"moe_lab.stage": self.stage, "moe_lab.arch": cfg.arch, "moe_lab.preset": cfg.preset}
         if os.environ.get("MOE_LAB_PREFECT_FLOW_RUN_ID"):
             tags["prefect.flow_run_id"] = os.environ["MOE_LAB_PREFECT_FLOW_RUN_ID"]
-        commit = _git_commit()
+        commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
         self.logger = MLflowRun(uri, cfg.experiment, run_name=f"{self.stage}-{cfg.arch}-{cfg.preset}", tags=tags,
@@ -413,28 +407,22 @@ class Trainer:
         -1). bf16 runs skip DeepSpeed's per-parameter overflow scan; its global norm, computed for clipping
         anyway, is checked here instead, one step late but before any checkpoint or export sees the weights."""
         if norm is None:
-            return None
+            return
         value = float(norm)
         if math.isfinite(value) and value >= 0:
-            return None
-        last = checkpoint.latest(ckpt_root) if ckpt_root.exists() else None
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        if self.logger is not None:
-            self.logger.close(status="FAILED")
-        raise TrainingDiverged(
-            f"the gradient norm became {'nan/inf' if value == -1 else value} at step {step} while the loss was finite; "
-            f"its weights were not saved ({where}). Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
-        )
+            return
+        self._stop(f"the gradient norm became {'nan/inf' if value == -1 else value} at step {step} while the loss "
+                   "was finite; its weights were not saved", ckpt_root)
 
     def _diverged(self, step, loss, ckpt_root) -> None:
+        self._stop(f"loss became {loss} at step {step + 1}; stopped before the optimizer applied it", ckpt_root)
+
+    def _stop(self, what: str, ckpt_root) -> None:
         last = checkpoint.latest(ckpt_root) if ckpt_root.exists() else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         if self.logger is not None:
             self.logger.close(status="FAILED")
-        raise TrainingDiverged(
-            f"loss became {loss} at step {step + 1}; stopped before the optimizer applied it ({where}). "
-            "Try a lower lr, more warmup, grad_clip, or router z_loss_coef."
-        )
+        raise TrainingDiverged(f"{what} ({where}). Try a lower lr, more warmup, grad_clip, or router z_loss_coef.")
 
 
 def _grad_norm(engine) -> torch.Tensor | None:
@@ -444,16 +432,6 @@ def _grad_norm(engine) -> torch.Tensor | None:
     if norm is None:
         return None
     return norm.detach().reshape(()) if torch.is_tensor(norm) else torch.tensor(float(norm))
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 def _without_tied_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
