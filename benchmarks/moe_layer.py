@@ -37,6 +37,8 @@ SHAPES = {
     "mixtral-like": (1024, 3584, 8, 2, True),
     "olmoe-like": (2048, 1024, 64, 8, False),
     "switch-like": (768, 3072, 32, 1, False),
+    # fine-grained, 128 experts: Qwen3-30B-A3B's MoE layer (hidden 2048, moe_intermediate 768, 128 experts, top-8)
+    "qwen3-moe-like": (2048, 768, 128, 8, True),
 }
 SMOKE_SHAPES = {"smoke": (64, 96, 8, 2, True), "smoke-k1": (32, 64, 4, 1, False)}
 
