@@ -1,5 +1,10 @@
 """``moe-lab``: one subcommand per pipeline stage. Each stage module registers its own parser
 (``add_parser(subparsers)``) and stays importable without the heavy libraries, so ``--help`` is fast.
+
+Exit codes: 0 success; 2 a user's mistake (bad setting, missing or malformed input), printed as one
+readable message without a traceback (:class:`moe_engine.errors.UserError`); 1 a bug (traceback);
+a gate regression is reported by ``moe-lab gate`` with 1. SIGTERM cleans up like Ctrl-C: a stopped
+run leaves the previous outputs intact.
 """
 
 from __future__ import annotations
@@ -8,15 +13,7 @@ import argparse
 import sys
 from importlib import import_module
 
-# stage modules, in pipeline order
-STAGES = (
-    "moe_engine.data.cli",
-    "moe_engine.training.cli",
-    "moe_engine.evaluation.cli",
-    "moe_engine.analytics.cli",
-    "moe_engine.gate.cli",
-    "moe_engine.tracking.cli",
-)
+from moe_engine.stages import COMMANDS as STAGES  # the one registry of commands and stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moe_engine.errors import UserError
+    from moe_engine.io import terminate_as_exit
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    with terminate_as_exit():
+        try:
+            return int(args.func(args) or 0)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted: outputs of this run were not published; the previous ones are intact", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -22,20 +22,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moe_engine.data.config import DataConfig, load_params
-from moe_engine.data.errors import ConfigError, DataError
+from moe_engine.errors import ConfigError, UserError
 
 SOURCES_HELP = "files/folders to read (text, jsonl, parquet; .xz/.gz/.bz2), or DOMAIN=PATH; default: data/demo"
 
 
 def _config(args: argparse.Namespace) -> DataConfig:
-    import yaml
+    from moe_engine.config import parse_sets
 
-    overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)  # "128" -> 128, "[a, b]" -> list
+    overrides: dict[str, Any] = parse_sets(args.set)  # "128" -> 128, "[a, b]" -> list, "1e-3" -> 0.001
     for flag, key in (("vocab_size", "tokenizer.vocab_size"), ("pretrained", "tokenizer.pretrained"),
                       ("seq_len", "shards.seq_len")):
         if getattr(args, flag, None) is not None:
@@ -84,7 +79,7 @@ def _guarded(command: Callable[[argparse.Namespace], None]) -> Callable[[argpars
     def run(args: argparse.Namespace) -> int:
         try:
             command(args)
-        except DataError as exc:
+        except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0

@@ -1,22 +1,23 @@
 """Errors of the data stage.
 
-Every problem a user can cause (bad input, bad config, corrupted output) is raised as a
-`DataError` subclass whose message alone says what is wrong and where; the CLI prints that
-message and exits 2 instead of showing a traceback. Anything else is a bug and keeps its
-traceback.
+Every problem a user can cause (bad input, corrupted output) is raised as a `DataError`
+subclass (a `moe_engine.errors.UserError`; bad settings raise the shared `ConfigError`) whose
+message alone says what is wrong and where; the CLI prints that message and exits 2 instead of
+showing a traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_engine.errors import ConfigError, UserError
 
-class DataError(Exception):
+__all__ = ["ConfigError", "DataError", "IngestError", "TokenizerError", "RuleFailure", "DataValidationError",
+           "ShardIntegrityError"]
+
+
+class DataError(UserError):
     """Base class: a data problem with a message fit for a user."""
-
-
-class ConfigError(DataError):
-    """A params section or argument is invalid (unknown key, wrong type, out of range)."""
 
 
 class IngestError(DataError):

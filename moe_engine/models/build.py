@@ -56,9 +56,16 @@ def build_model(
 
 def load(path: str | Path, *, router: dict | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
     """``from_pretrained(path)`` of any supported MoE checkpoint (local dir), then ``patch``."""
+    from moe_engine.errors import InputError
+    from moe_engine.models.io import check_weight_files
+
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass the folder save_pretrained wrote")
-    config = AutoConfig.from_pretrained(path)
-    model = _model_class(config).from_pretrained(path, **from_pretrained_kwargs)
+        raise InputError(f"{path} is not a model directory (no config.json); pass the folder save_pretrained wrote")
+    check_weight_files(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path / 'config.json'} cannot be read as a transformers config: {exc}") from None
+    model = _model_class(config).from_pretrained(path, use_safetensors=True, **from_pretrained_kwargs)
     return patch(model, **(router or {}))

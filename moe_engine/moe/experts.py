@@ -44,7 +44,14 @@ class Experts(nn.Module):
 
 
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(w_in_EHD, w_out_EDF, gated) for any supported experts module, sharing its parameters."""
+    """(w_in_EHD, w_out_EDF, gated) for any supported experts module, sharing its parameters.
+
+    This is the one seam through which the layer reads expert weights: a module that provides them
+    another way (quantized, offloaded with a cache) defines ``expert_weights()`` returning the same
+    triple, and dispatch and routers do not change."""
+    provider = getattr(type(experts), "expert_weights", None)
+    if callable(provider):
+        return experts.expert_weights()
     if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         return experts.gate_up_proj, experts.down_proj, True
     if isinstance(getattr(experts, "up_proj", None), torch.Tensor) and experts.up_proj.dim() == 3:

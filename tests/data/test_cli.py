@@ -84,7 +84,7 @@ def test_damaged_shards_fail_validate(damage, rule, prepared_copy: Path, capsys)
 
 def test_config_error_exits_2(tmp_path: Path, capsys):
     assert main(["data", "prepare", "--out", str(tmp_path / "o"), "--set", "shards.seqlen=3"]) == 2
-    assert "unknown key(s) in params section 'data.shards': seqlen" in capsys.readouterr().err
+    assert "'data.shards.seqlen' is not a setting (valid in 'data.shards': seq_len," in capsys.readouterr().err
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path: Path):

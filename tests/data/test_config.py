@@ -14,8 +14,8 @@ def test_defaults_and_from_dict():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"shards": {"seqlen": 1}}, "unknown key(s) in params section 'data.shards': seqlen"),
-    ({"tokeniser": {}}, "unknown section(s) in 'data': tokeniser"),
+    ({"shards": {"seqlen": 1}}, "unknown key(s) in 'data.shards': seqlen (valid: seq_len,"),
+    ({"tokeniser": {}}, "unknown key(s) in 'data': tokeniser (valid: ingest, tokenizer, shards, validation)"),
     ({"shards": {"seq_len": "long"}}, "data.shards.seq_len: expected int, got 'long'"),
     ({"tokenizer": {"vocab_size": True}}, "data.tokenizer.vocab_size: expected int"),
     ({"ingest": {"ood_domains": "milton"}}, "data.ingest.ood_domains: expected list[str]"),
@@ -41,7 +41,7 @@ def test_load_params_reads_nested_section(tmp_path: Path):
     assert (cfg.shards.seq_len, cfg.tokenizer.vocab_size) == (64, 1000)
     with pytest.raises(ConfigError, match="no section 'nope'"):
         load_params(params, "nope")
-    with pytest.raises(ConfigError, match="unknown section"):
+    with pytest.raises(ConfigError, match="unknown key.*train"):
         load_params(params, "")  # top level has 'train', which is not a data section
     assert load_params(None) == DataConfig()
 
@@ -49,7 +49,7 @@ def test_load_params_reads_nested_section(tmp_path: Path):
 def test_override_by_dotted_key():
     cfg = DataConfig().override({"shards.seq_len": 64, "tokenizer.pretrained": "some/dir"})
     assert cfg.shards.seq_len == 64 and cfg.tokenizer.pretrained == "some/dir"
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="'data.shards.nope' is not a setting"):
         DataConfig().override({"shards.nope": 1})
     with pytest.raises(ConfigError, match="SECTION.KEY"):
         DataConfig().override({"seq_len": 1})
