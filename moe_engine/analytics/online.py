@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moe_engine.analytics import metrics as M
+from moe_engine.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _N_MEASURED = _SLOTS.index("tokens")
 
 
 @dataclass
-class MonitorConfig:
+class MonitorConfig(Config):
     """Router monitoring settings; fields equal the keys of a params.yaml ``router_monitor:`` section."""
 
     imbalance_alert: float = 2.0  # alert when a layer's max/mean tokens per expert exceeds this
@@ -45,6 +46,10 @@ class MonitorConfig:
     per_expert: bool = False  # also emit router/layer{i}/expert{e}/load_share (E scalars per layer)
     training_only: bool = True  # ignore forwards of layers in eval mode (validation passes)
     prefix: str = "router"
+
+    def check(self) -> None:
+        self.require(self.imbalance_alert >= 1.0, "imbalance_alert", ">= 1 (max/mean load of a perfectly balanced layer)")
+        self.require(0.0 <= self.dead_fraction_alert <= 1.0, "dead_fraction_alert", "in [0, 1]")
 
     def build(self, model: nn.Module) -> "RouterMonitor":
         return RouterMonitor(model, self)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import nn
 
+from moe_engine.errors import ConfigError
 from moe_engine.moe.experts import activation
 from moe_engine.moe.layer import MoELayer
 from moe_engine.moe.router import ROUTERS, RouterConfig, SwitchRouter
@@ -140,6 +141,18 @@ ADAPTERS: dict[str, Adapter] = {
     "deepseek_v3": Adapter("DeepseekV3MoE", _deepseek_rc, _topk_layer),
     "switch_transformers": Adapter("SwitchTransformersSparseMLP", _switch_rc, _switch_layer),
 }
+
+
+def router_config(config, **router_overrides) -> RouterConfig:
+    """The RouterConfig every MoE layer of a model with this transformers ``config`` gets: the
+    architecture's own settings, then ``router_overrides`` (checked: unknown keys, ranges)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ConfigError(f"no MoE adapter for model_type={model_type!r}; supported: {sorted(ADAPTERS)}")
+    unknown = set(router_overrides) - set(RouterConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown router settings {sorted(unknown)}; valid: {sorted(RouterConfig.__dataclass_fields__)}")
+    return replace(ADAPTERS[model_type].router_config(config), **router_overrides)
 
 
 def patch(model: nn.Module, **router_overrides) -> nn.Module:

@@ -20,7 +20,9 @@ def model_config(arch: str, preset: str = "tiny", **overrides) -> PretrainedConf
     known = AutoConfig.for_model(arch)  # transformers accepts any kwarg, so check against the defaults
     unknown = [k for k in overrides if not hasattr(known, k)]
     if unknown:
-        raise ValueError(f"{arch} config has no field(s) {unknown}; check the spelling against transformers' {type(known).__name__}")
+        from moe_engine.errors import ConfigError
+
+        raise ConfigError(f"{arch} config has no field(s) {unknown}; check the spelling against transformers' {type(known).__name__}")
     return AutoConfig.for_model(arch, **kwargs)
 
 

@@ -99,15 +99,19 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 
 def canonical_arch(arch: str) -> str:
+    from moe_engine.errors import ConfigError
+
     try:
         return ARCH_ALIASES[arch.lower()]
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(set(ARCH_ALIASES))}") from None
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(set(ARCH_ALIASES))}") from None
 
 
 def preset_kwargs(arch: str, preset: str) -> dict:
+    from moe_engine.errors import ConfigError
+
     arch = canonical_arch(arch)
     try:
         return dict(PRESETS[arch][preset])
     except KeyError:
-        raise ValueError(f"no preset {preset!r} for {arch}; available: {sorted(PRESETS[arch])}") from None
+        raise ConfigError(f"no preset {preset!r} for {arch}; available: {sorted(PRESETS[arch])}") from None

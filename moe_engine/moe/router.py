@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_engine.config import Config
 from moe_engine.moe.losses import load_balancing_loss, router_z_loss
 from moe_engine.moe.routing import Routing
 
 
 @dataclass
-class RouterConfig:
-    """One router's settings; fields equal the keys of a params.yaml ``router:`` section."""
+class RouterConfig(Config):
+    """One router's settings; fields equal the keys of a params.yaml ``router:`` section. Checked
+    when made (``check``), so a router that would fail inside forward is refused at config time."""
 
     kind: str = "topk"  # topk | switch | expert_choice | sigmoid_grouped | any registered name
     num_experts: int = 8
@@ -47,6 +49,24 @@ class RouterConfig:
     topk_group: int = 1  # sigmoid_grouped: groups a token may use
     routed_scaling_factor: float = 1.0  # sigmoid_grouped: scale on the combined weights
     bias_update_rate: float = 0.0  # sigmoid_grouped: aux-loss-free balancing step size (u in DeepSeek-V3)
+
+    def check(self) -> None:
+        self.require(self.kind in ROUTERS, "kind", f"a registered router: {', '.join(sorted(ROUTERS))}")
+        self.require(self.num_experts >= 1, "num_experts", ">= 1")
+        self.require(1 <= self.top_k <= self.num_experts, "top_k", f"in [1, num_experts = {self.num_experts}]")
+        self.require(self.aux_loss_coef >= 0, "aux_loss_coef", ">= 0 (0 turns the balance loss off)")
+        self.require(self.z_loss_coef >= 0, "z_loss_coef", ">= 0")
+        self.require(0.0 <= self.jitter_noise < 1.0, "jitter_noise", "in [0, 1)")
+        self.require(self.capacity_factor > 0, "capacity_factor", "> 0 (capacity = ceil(cf * tokens * K / E))")
+        self.require(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity", "None or >= 1")
+        self.require(self.n_group >= 1 and self.num_experts % self.n_group == 0, "n_group",
+                     f">= 1 and divide num_experts = {self.num_experts}")
+        self.require(1 <= self.topk_group <= self.n_group, "topk_group", f"in [1, n_group = {self.n_group}]")
+        if self.kind == "sigmoid_grouped" and self.n_group > 1:
+            reachable = self.topk_group * (self.num_experts // self.n_group)
+            self.require(self.top_k <= reachable, "top_k", f"<= topk_group * experts per group = {reachable}")
+        self.require(self.routed_scaling_factor > 0, "routed_scaling_factor", "> 0")
+        self.require(self.bias_update_rate >= 0, "bias_update_rate", ">= 0")
 
     def build(self, hidden_size: int) -> "Router":
         try:
@@ -97,6 +117,11 @@ class Router(nn.Module, abc.ABC):
 
     def forward(self, x_TD: torch.Tensor, group_size: int | None = None) -> Routing:
         return self.route(x_TD, group_size)
+
+    def after_step(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Called by the training loop once per optimizer step with the step's tokens per expert
+        (summed over micro-batches and data-parallel ranks). Routers that adapt between steps
+        (aux-loss-free balancing) override it; the default does nothing."""
 
     def token_choice(
         self,
@@ -223,13 +248,15 @@ class SigmoidGroupedRouter(Router):
         return self.token_choice(logits_TE, probs_TE, topk_idx_TK, topk_weight_TK.to(x_TD.dtype))
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
-        """bias_e += u * sign(mean load - load_e); call once per optimizer step with the step's counts
+    def after_step(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """bias_e += u * sign(mean load - load_e), once per optimizer step with the step's counts
         (summed over micro-batches and data-parallel ranks)."""
         if self.config.bias_update_rate <= 0:
             return
-        load_E = tokens_per_expert_E.float()
+        load_E = tokens_per_expert_E.float().to(self.e_score_correction_bias.device)
         self.e_score_correction_bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+    update_bias = after_step  # the name DeepSeek-V3's paper uses
 
 
 @register_router("expert_choice")

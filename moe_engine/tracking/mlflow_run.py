@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moe_engine.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
@@ -179,6 +181,40 @@ class MLflowRun:
             self._retry(self.client.set_terminated, self.run_id, status, attempts=3)
         except Exception as exc:
             print(f"could not mark MLflow run {self.run_id} {status}: {exc}")
+
+
+class TrackingUnavailable(UserError):
+    """The configured MLflow tracking server cannot be reached."""
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, with what to do, when an http(s) tracking server does not answer
+    (MLflow's own client would retry for minutes before the first step). Local stores need a
+    writable folder."""
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - the user's own server
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return  # it answers; authentication is MLflow's business
+            problem = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        raise TrackingUnavailable(
+            f"MLflow tracking server {tracking_uri} is unreachable ({problem}, {timeout_s:.0f} s timeout); start it "
+            "(make services-up), or unset MLFLOW_TRACKING_URI / mlflow_tracking_uri to train without tracking")
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        from moe_engine.io import ensure_writable_dir
+
+        ensure_writable_dir(db.parent, "MLflow store folder")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

@@ -17,19 +17,13 @@ transformers model; this file makes it expert-parallel.
 from __future__ import annotations
 
 import os
-import socket
+import sys
 
 import torch
 from torch import nn
 
 from moe_engine.models.adapters import moe_layers
 from moe_engine.moe.expert_parallel import ExpertParallel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_environment() -> None:
@@ -39,28 +33,35 @@ def prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-_SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+def _launched() -> bool:
+    """True under torchrun / the deepspeed launcher / MPI (they set the rank variables)."""
+    return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world_size). A plain single process gets a one-rank group on a free local port; the
-    variables that told DeepSpeed so are removed again afterwards, so a child process (a DVC stage,
-    a subprocess test) does not try to join this process's group."""
+    """(rank, world_size). Under a launcher: DeepSpeed's ``init_distributed`` (nccl on GPUs, gloo on
+    CPUs). A plain single process gets a one-rank group over an in-process store: no TCP port is
+    opened (torch's TCPStore would listen on every interface), gloo is pinned to the loopback
+    device, and no rank variable is left in the environment for child processes to trip on."""
     prepare_environment()
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        added = "RANK" not in os.environ
-        if added:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-            os.environ.setdefault("LOCAL_RANK", "0")
-        try:
+        if _launched():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        finally:
-            if added:
-                for key in _SINGLE_PROCESS_VARS:
-                    os.environ.pop(key, None)
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            pinned = backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and sys.platform == "linux"
+            if pinned:
+                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+            try:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            finally:
+                if pinned:
+                    os.environ.pop("GLOO_SOCKET_IFNAME", None)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it is set
+            deepspeed.init_distributed(dist_backend=backend)  # adopts the existing group
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -21,7 +21,9 @@ FAST = dict(micro_batch_size=4, log_every=5, eval_batches=2, warmup_steps=2, lr=
 
 
 def _history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    from moe_engine.training.callbacks.history import read_history
+
+    return read_history(out / "history.csv")
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -76,14 +78,21 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bitwise(demo_data,
     assert resumed == expected  # bitwise: same floats, every step
 
 
-def test_corrupt_checkpoint_is_reported_not_loaded(demo_data, tmp_path):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_valid_one(demo_data, tmp_path, capsys):
     Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=4, save_every=2, **FAST).fit()
     ckpt = tmp_path / "checkpoints" / "step_00000004" / "model_ep000.pt"
     blob = bytearray(ckpt.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     ckpt.write_bytes(bytes(blob))
-    with pytest.raises(CheckpointError, match="model_ep000.pt is corrupt"):
-        Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=6, save_every=2, **FAST).fit()
+    result = Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=6, save_every=2, **FAST).fit()
+    err = capsys.readouterr().err
+    assert "model_ep000.pt is corrupt" in err and "resuming from step_00000002" in err
+    assert len(result.losses) == 4  # steps 3..6: the corrupt step-4 checkpoint was not used
+    # every checkpoint corrupt: refused by name, nothing trained
+    for meta in (tmp_path / "checkpoints").glob("step_*/meta.json"):
+        meta.write_text("{not json")
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*meta.json is not a valid checkpoint record"):
+        Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=8, save_every=2, **FAST).fit()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_data, tmp_path):
