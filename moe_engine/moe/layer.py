@@ -31,6 +31,20 @@ from moe_engine.moe.routing import Routing, routing_stats
 RoutingHook = Callable[["MoELayer", Routing, torch.Tensor], None]
 
 
+def _router_logits_sink() -> list | None:
+    """The list transformers collects ``router_logits`` into during this forward (a model called with
+    ``output_router_logits=True``), or None. transformers records them with hooks on its own router
+    classes, which a patched model no longer has, so the engine layer appends its logits itself."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: no output capturing to join
+        return None
+    collected = _active_collector.get()
+    if not collected or "router_logits" not in collected:
+        return None
+    return collected["router_logits"]
+
+
 @dataclass
 class MoEConfig:
     """A standalone engine layer (benchmarks, custom models); fields equal params.yaml keys."""
@@ -96,6 +110,10 @@ class MoELayer(nn.Module):
         self.top_k = router.top_k
         self.expert_parallel: ExpertParallel | None = None  # set by training.parallel.shard_experts
         self.aux_grad_scale = 1.0  # the trainer sets 1 / gradient-accumulation steps, like the LM loss
+        # Set by the model adapter's hooks for one forward: the [B, S] padding mask of this layer's
+        # sequence (False = padding), and whether router logits are recorded [B, S, E] (Switch) or [T, E]
+        self.padding_mask_BS: torch.Tensor | None = None
+        self.router_logits_3d = False
         self.last_aux_loss: torch.Tensor | None = None
         self._last_routing: tuple[Routing, torch.Tensor] | None = None
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()  # weak-referenceable, unlike dict
@@ -128,7 +146,16 @@ class MoELayer(nn.Module):
         shape = hidden_BSD.shape
         x_TD = hidden_BSD.reshape(-1, shape[-1])
         group = shape[-2] if (self.capacity_per_sequence and hidden_BSD.dim() == 3) else None
-        routing = self.moe_router(x_TD, group_size=group)
+        router = self.moe_router
+        router.token_mask_T = self._token_mask(shape)
+        try:
+            routing = router(x_TD, group_size=group)
+        finally:
+            router.token_mask_T = None
+        recorded = _router_logits_sink()
+        if recorded is not None:  # output_router_logits=True: the model's own loss adds the aux loss
+            recorded.append(routing.logits_TE.view(*shape[:-1], -1) if self.router_logits_3d else routing.logits_TE)
+            routing.aux_losses = {}
         out_TD, counts_E = self.routed_experts(x_TD, routing)
         shared = self.shared
         if shared is not None:
@@ -141,6 +168,14 @@ class MoELayer(nn.Module):
         for hook in self._routing_hooks.values():
             hook(self, routing, counts_E)
         return out_TD.view(shape)
+
+    def _token_mask(self, shape) -> torch.Tensor | None:
+        """[T] bool from the padding mask of this forward when it matches the tokens (during cached
+        generation the mask covers past tokens too: the last S columns are these)."""
+        mask = self.padding_mask_BS
+        if mask is None or len(shape) != 3 or mask.dim() != 2 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
+            return None
+        return mask[:, -shape[1]:].bool().reshape(-1)  # all True weighs like no mask: no host sync to check
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(out_TD, tokens_per_expert_E): dispatch, run every expert, combine."""

@@ -11,23 +11,32 @@ from __future__ import annotations
 import torch
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_experts: int,
+                        mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss, eqs. (4)-(6) of Fedus et al. 2021 (GShard's form
     for top-k): ``E * sum_e f_e * P_e``, with ``f_e`` the share of tokens assigned to expert e
     (counting each of a token's K choices, so sum_e f_e = K) and ``P_e`` the mean router probability
     of e. The minimum, K, is reached by uniform routing.
 
     ``expert_idx_A`` are the choices *before* any capacity drop (as in Switch and transformers);
-    ``f_e`` carries no gradient, only ``P_e`` does.
+    ``f_e`` carries no gradient, only ``P_e`` does. ``mask_T`` (bool, token-major) leaves padding out
+    of both means, as transformers' ``load_balancing_loss_func`` does with ``attention_mask``.
     """
     num_tokens = probs_TE.shape[0]
     idx_A = expert_idx_A.flatten()
+    per_token = idx_A.numel() // max(num_tokens, 1)
+    if mask_T is None:
+        ones_A = torch.ones_like(idx_A, dtype=torch.float32)
+        denominator = float(num_tokens)
+        p_E = probs_TE.float().mean(dim=0)
+    else:
+        w_T = mask_T.reshape(-1).to(device=probs_TE.device, dtype=torch.float32)
+        ones_A = w_T.repeat_interleave(per_token)
+        denominator = w_T.sum().clamp_min(1.0)
+        p_E = (probs_TE.float() * w_T[:, None]).sum(dim=0) / denominator
     # scatter_add instead of bincount: fixed output size, so no GPU->host sync on the hot path
-    counts_E = torch.zeros(num_experts, device=idx_A.device, dtype=torch.float32).scatter_add_(
-        0, idx_A, torch.ones_like(idx_A, dtype=torch.float32)
-    )
-    f_E = counts_E / num_tokens
-    p_E = probs_TE.float().mean(dim=0)
+    counts_E = torch.zeros(num_experts, device=idx_A.device, dtype=torch.float32).scatter_add_(0, idx_A, ones_A)
+    f_E = counts_E / denominator
     return num_experts * torch.sum(f_E * p_E)
 
 

@@ -99,6 +99,7 @@ class Router(nn.Module, abc.ABC):
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         self.loss_scale = 1.0  # set to 1 / num_moe_layers by the model adapter
+        self.token_mask_T: torch.Tensor | None = None  # set by the layer for one forward: False = padding
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.config.jitter_noise > 0:
@@ -147,9 +148,8 @@ class Router(nn.Module, abc.ABC):
     def aux_losses(self, logits_TE, probs_TE, chosen_idx) -> dict[str, torch.Tensor]:
         losses = {}
         if self.config.aux_loss_coef > 0 and torch.is_grad_enabled():
-            losses["load_balancing_loss"] = (
-                self.config.aux_loss_coef * self.loss_scale * load_balancing_loss(probs_TE, chosen_idx, self.num_experts)
-            )
+            balance = load_balancing_loss(probs_TE, chosen_idx, self.num_experts, self.token_mask_T)
+            losses["load_balancing_loss"] = self.config.aux_loss_coef * self.loss_scale * balance
         if self.config.z_loss_coef > 0 and torch.is_grad_enabled():
             losses["router_z_loss"] = self.config.z_loss_coef * self.loss_scale * router_z_loss(logits_TE)
         return losses
