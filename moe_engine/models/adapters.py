@@ -190,7 +190,12 @@ def router_config(config, **router_overrides) -> RouterConfig:
     unknown = set(router_overrides) - set(RouterConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown router settings {sorted(unknown)}; valid: {sorted(RouterConfig.__dataclass_fields__)}")
-    return replace(ADAPTERS[model_type].router_config(config), **router_overrides)
+    base = ADAPTERS[model_type].router_config(config)
+    if router_overrides.get("num_experts", base.num_experts) != base.num_experts:
+        raise ConfigError(f"router.num_experts = {router_overrides['num_experts']} differs from the model's "
+                          f"{base.num_experts} experts; set the expert count in the model config (e.g. model: "
+                          "{num_local_experts: N} for Mixtral, {num_experts: N} for OLMoE), not in router settings")
+    return replace(base, **router_overrides)
 
 
 def patch(model: nn.Module, **router_overrides) -> nn.Module:

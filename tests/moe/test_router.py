@@ -128,5 +128,22 @@ def test_custom_router_in_a_few_lines():
 
 
 def test_unknown_router_kind_is_a_clear_error():
-    with pytest.raises(ValueError, match="not registered"):
+    with pytest.raises(ValueError, match="kind = 'nope': must be a registered router: .*topk"):
         RouterConfig(kind="nope").build(8)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(top_k=0), "top_k = 0: must be in \\[1, num_experts = 8\\]"),
+    (dict(top_k=9), "top_k = 9: must be in \\[1, num_experts = 8\\]"),
+    (dict(capacity_factor=0.0), "capacity_factor = 0.0: must be > 0"),
+    (dict(aux_loss_coef=-0.1), "aux_loss_coef = -0.1: must be >= 0"),
+    (dict(kind="sigmoid_grouped", n_group=3), "n_group = 3: must be >= 1 and divide num_experts = 8"),
+    (dict(kind="sigmoid_grouped", n_group=4, topk_group=1, top_k=3), "top_k = 3: must be <= topk_group"),
+])
+def test_router_settings_that_would_fail_inside_forward_are_refused_up_front(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**settings)
+    with pytest.raises(ValueError, match=message.split(":")[0]):  # the same check when patching a model
+        me.build_model("mixtral", num_local_experts=8, router=settings)
+    with pytest.raises(ValueError, match="router.num_experts = 8 differs from the model's 4 experts"):
+        me.build_model("mixtral", router={"num_experts": 8})
