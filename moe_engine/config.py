@@ -65,7 +65,7 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
 
 
-class _RuleBroken(ConfigError):
+class RuleBroken(ConfigError):
     """A ``check()`` rule failed; ``from_dict`` prefixes the dotted path of the section."""
 
     def __init__(self, key: str, value: Any, rule: str):
@@ -86,7 +86,7 @@ class Config:
 
     def require(self, ok: bool, key: str, rule: str) -> None:
         if not ok:
-            raise _RuleBroken(key, getattr(self, key, None), rule)
+            raise RuleBroken(key, getattr(self, key, None), rule)
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any] | None, where: str | None = None) -> C:
@@ -103,7 +103,7 @@ class Config:
         values = {k: coerce(_join(where, k), v, hints[k]) for k, v in data.items()}
         try:
             return cls(**values)
-        except _RuleBroken as exc:
+        except RuleBroken as exc:
             raise ConfigError(f"{_join(where, exc.key)} = {exc.value!r}: must be {exc.rule}") from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -176,6 +176,11 @@ def _parquet_documents(path: Path, raw: bytes, domain: str, cfg: IngestConfig) -
         raise IngestError(
             f"{path}: no column '{cfg.text_field}' (columns: {', '.join(table.column_names)})"
         )
+    kind = table.schema.field(cfg.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
+        raise IngestError(f"{path}: column '{cfg.text_field}' holds {kind}, not text; point ingest.text_field at the "
+                          f"column with the documents (columns: {', '.join(table.column_names)})")
     columns = [cfg.text_field] + ([cfg.domain_field] if cfg.domain_field in table.column_names else [])
     rows = table.select(columns).to_pylist()
     missing = [i for i, row in enumerate(rows) if row[cfg.text_field] is None]

@@ -5,15 +5,13 @@
     validate_data(path_or_sources, config=None, report_dir=None) -> dict
 
 Outputs are built in a hidden sibling directory and renamed into place only after every
-check passed, so a directory with a manifest.json is complete and valid; a failed run
-leaves no output at all (a previous output of ours at that path is removed first, as DVC
-does, so a stale result cannot pass for a fresh one) and, when Great Expectations ran,
-its report in `<out>.validation-failed/`.
+check passed, so a directory with a manifest.json is complete and valid; a failed or
+interrupted run leaves the previous output untouched (and no temporary behind) and, when
+Great Expectations ran, its report in `<out>.validation-failed/`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from moe_engine.data.ingest import Document, Source, read_documents
 from moe_engine.data.shards import FORMAT, MANIFEST, verify_shards, write_manifest, write_shards
 from moe_engine.data.tokenizer import Encoder, build_tokenizer, load_tokenizer, token_dtype, tokenizer_hash
 from moe_engine.data.validate import document_table, validate_documents
+from moe_engine.io import atomic_output
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "data" / "demo"
 SourceLike = Union[str, Path, Source]
@@ -42,24 +41,16 @@ def demo_sources() -> list[Source]:
 
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` only if the block succeeds."""
+    """Yield a temporary directory that replaces `out` only if the block succeeds; on any failure
+    (a bad input, Ctrl-C, SIGTERM through moe-lab) the previous `out` is left as it was."""
     out = Path(out)
     if out.exists():
         ours = (out / MANIFEST).exists() or (out / "tokenizer_config.json").exists() or \
             (out.is_dir() and not any(out.iterdir()))
         if not ours:
             raise ConfigError(f"{out} exists and is not a moe-lab data output; refusing to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_output(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(out)
 
 
 def ingest(sources: Sequence[SourceLike] | None, config: DataConfig, progress: bool = False) -> list[Document]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from moe_engine.config import RuleBroken
 from moe_engine.errors import ConfigError, InputError
 from moe_engine.models.adapters import moe_layers
 from moe_engine.training import callbacks as cb
@@ -125,7 +126,10 @@ class Trainer:
             hf_config = self.model.config
         else:
             hf_config = model_config(cfg.arch, cfg.preset, **{"vocab_size": self._vocab(), **cfg.model})
-            router_config(hf_config, **cfg.router.set_values())  # RouterConfig.check: top_k, capacity, coefficients
+            try:  # RouterConfig.check: top_k, capacity, coefficients, against this architecture's expert count
+                router_config(hf_config, **cfg.router.set_values())
+            except RuleBroken as exc:
+                raise ConfigError(f"{self.stage}.router.{exc.key} = {exc.value!r}: must be {exc.rule}") from None
         if hf_config.is_encoder_decoder and not cfg.dense_baseline:
             try:
                 self._corruption = SpanCorruption(int(self.manifest["seq_len"]), cfg.noise_density, cfg.mean_noise_span_length)
