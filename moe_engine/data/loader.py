@@ -80,6 +80,10 @@ class ShardDataset:
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
+    def read(self, index_B: np.ndarray) -> np.ndarray:
+        """Rows [B, L] (int64) of the split by global sequence index, in the order given."""
+        return self._read(np.asarray(index_B, dtype=np.int64))
+
     def _read(self, index_B: np.ndarray) -> np.ndarray:
         """Rows [B, L] as int64, gathered shard by shard from the memory maps."""
         shard_B = np.searchsorted(self._offsets, index_B, side="right") - 1

@@ -17,19 +17,42 @@ import torch
 import torch.nn.functional as F
 
 
+def stratified_indices(domain_ids_N: np.ndarray, cap: int) -> np.ndarray:
+    """Indices of at most ``cap`` sequences taken evenly from every domain (round-robin over domains,
+    first rows of each), sorted; all of them when ``cap`` is 0 or covers the split."""
+    n = len(domain_ids_N)
+    if cap <= 0 or cap >= n:
+        return np.arange(n)
+    by_domain = [np.flatnonzero(domain_ids_N == d) for d in np.unique(domain_ids_N)]
+    picked, depth = [], 0
+    while len(picked) < cap:
+        for rows in by_domain:
+            if depth < len(rows) and len(picked) < cap:
+                picked.append(rows[depth])
+        depth += 1
+    return np.sort(np.array(picked, dtype=np.int64))
+
+
 @torch.no_grad()
-def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max_sequences: int = 0) -> np.ndarray:
-    """[N] mean next-token loss of each sequence of a split, in shard order. Encoder-decoder models
-    (Switch) get their pretraining objective instead: the loss on the spans removed by T5 span
-    corruption (15% of tokens, mean span 3), with the same seeded noise for every model compared."""
+def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max_sequences: int = 0,
+                    indices: np.ndarray | None = None) -> np.ndarray:
+    """[N] mean next-token loss of each sequence of a split (``indices``, default all, in shard order).
+    Encoder-decoder models (Switch) get their pretraining objective instead: the loss on the spans
+    removed by T5 span corruption (15% of tokens, mean span 3), with the same seeded noise for every
+    model compared. ``max_sequences`` keeps the first N of ``indices`` (use ``stratified_indices`` to
+    cap without dropping domains)."""
     from moe_engine.data.loader import ShardDataset
     from moe_engine.data.span_corruption import SpanCorruption
 
     data = ShardDataset(data_dir, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False)
+    index_N = np.arange(data.num_sequences) if indices is None else np.asarray(indices)
+    if max_sequences:
+        index_N = index_N[:max_sequences]
     device = next(model.parameters()).device
     corrupt = SpanCorruption(data.seq_len) if model.config.is_encoder_decoder else None
     losses = []
-    for i, batch in enumerate(data):
+    for i, start in enumerate(range(0, len(index_N), batch_size)):
+        batch = torch.from_numpy(data.read(index_N[start:start + batch_size]))
         if corrupt is not None:
             inputs, targets = corrupt(batch, model.config.vocab_size, torch.Generator().manual_seed(i))
             inputs, targets = inputs.to(device), targets.to(device)
@@ -40,32 +63,54 @@ def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max
             logits = model(input_ids=batch.to(device)).logits[:, :-1].float()
         loss_BT = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         losses.append(loss_BT.mean(1).cpu())
-        if max_sequences and sum(len(x) for x in losses) >= max_sequences:
-            break
-    out = torch.cat(losses).numpy() if losses else np.zeros(0)
-    return out[:max_sequences] if max_sequences else out
+    return torch.cat(losses).numpy() if losses else np.zeros(0)
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 16, max_sequences: int = 0) -> dict:
-    from moe_engine.data.shards import sequence_domains
+def load_model(model_dir: Path, expect_moe: bool | None = None):
+    """A trained checkpoint: MoE ones with engine layers, dense ones as they are. ``expect_moe``
+    refuses the wrong kind (a dense baseline passed as the MoE run would be labelled MoE)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_engine.errors import InputError
+    from moe_engine.models.adapters import ADAPTERS, moe_layers
     from moe_engine.models.build import load
-    from transformers import AutoModelForCausalLM
+    from moe_engine.models.io import check_weight_files
 
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    try:  # MoE checkpoints get the engine layers; a dense baseline loads as it is
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir} is not a model directory (no config.json); pass a `moe-lab pretrain --out` folder")
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type in ADAPTERS:
         model = load(model_dir)
-    except ValueError:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
+    else:
+        check_weight_files(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    is_moe = bool(moe_layers(model))
+    if expect_moe is not None and is_moe != expect_moe:
+        what = "an MoE" if is_moe else f"a dense model ({config.model_type}, no MoE layers)"
+        flag = "--dense" if is_moe else "--moe"
+        raise InputError(f"{model_dir} holds {what}; it cannot be evaluated as the {'dense baseline' if expect_moe is False else 'MoE'} "
+                         f"(pass it as {flag})")
+    return model.eval()
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, batch_size: int = 16, max_sequences: int = 0,
+                   expect_moe: bool | None = None) -> dict:
+    from moe_engine.data.shards import read_manifest, sequence_domains
+
+    manifest = read_manifest(data_dir)
+    model = load_model(model_dir, expect_moe)
     result: dict = {"domains": {}}
     for split, key in (("val", "val"), ("ood", "ood")):
         if manifest["splits"].get(split, {}).get("sequences", 0) == 0:
             continue
-        losses = sequence_losses(model, data_dir, split, batch_size, max_sequences)
         names, ids = sequence_domains(manifest, split)
-        ids = ids[: len(losses)]
+        index_N = stratified_indices(ids, max_sequences)
+        losses = sequence_losses(model, data_dir, split, batch_size, indices=index_N)
+        ids = ids[index_N]
         result[f"{key}_loss"] = float(losses.mean())
         result[f"{key}_perplexity"] = float(math.exp(losses.mean()))
+        result[f"{key}_sequences"] = int(len(losses))
         for i, name in enumerate(names):
             mask = ids == i
             if mask.any():
@@ -98,12 +143,12 @@ def run(data_dir: Path, moe_dir: Path, out_dir: Path, dense_dir: Path | None = N
     """Evaluate the MoE run (and its dense baseline) and write metrics.json, domain_loss.csv, compare.md."""
     out_dir = Path(out_dir)
     moe_train = _train_metrics(moe_dir)
-    moe = evaluate_model(Path(moe_dir) / "model", data_dir, batch_size, max_sequences)
+    moe = evaluate_model(Path(moe_dir) / "model", data_dir, batch_size, max_sequences, expect_moe=True)
     metrics = {"moe": {k: v for k, v in moe.items() if k != "domains"}}
     csv = ["model,domain,split,loss"] + [f"moe,{d},{v['split']},{v['loss']:.6f}" for d, v in sorted(moe["domains"].items())]
     if dense_dir is not None:
         dense_train = _train_metrics(dense_dir)
-        dense = evaluate_model(Path(dense_dir) / "model", data_dir, batch_size, max_sequences)
+        dense = evaluate_model(Path(dense_dir) / "model", data_dir, batch_size, max_sequences, expect_moe=False)
         metrics["dense"] = {k: v for k, v in dense.items() if k != "domains"}
         if "val_loss" in moe and "val_loss" in dense:
             metrics["moe_minus_dense_val_loss"] = moe["val_loss"] - dense["val_loss"]
@@ -111,21 +156,19 @@ def run(data_dir: Path, moe_dir: Path, out_dir: Path, dense_dir: Path | None = N
         table = comparison_table(moe, dense, moe_train, dense_train)
     else:
         table = comparison_table(moe, {"domains": {}}, moe_train, {})
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "domain_loss.csv").write_text("\n".join(csv) + "\n")
-    (tmp / "compare.md").write_text(table)
-    if out_dir.exists():
-        import shutil
+    from moe_engine.io import atomic_output
 
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_output(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "domain_loss.csv").write_text("\n".join(csv) + "\n")
+        (tmp / "compare.md").write_text(table)
     return metrics
 
 
 def _train_metrics(run_dir: Path) -> dict:
+    from moe_engine.errors import InputError
+
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: is {run_dir} the --out directory of a finished `moe-lab pretrain`?")
+        raise InputError(f"{path} is missing: is {run_dir} the --out directory of a finished `moe-lab pretrain`?")
     return json.loads(path.read_text())

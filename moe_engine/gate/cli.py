@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
 def run_gate(args: argparse.Namespace) -> int:
     from moe_engine.gate.gate import GateError, evaluate, load_sources, markdown
 
+    if not args.baseline.exists():
+        raise GateError(f"baseline {args.baseline} does not exist")
     try:
-        if not args.baseline.exists():
-            raise GateError(f"baseline {args.baseline} does not exist")
-        rows, passed = evaluate(json.loads(args.baseline.read_text()), load_sources(args.metrics))
-    except (GateError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        baseline = json.loads(args.baseline.read_text())
+    except json.JSONDecodeError as exc:
+        raise GateError(f"baseline {args.baseline} is not valid JSON: {exc}") from None
+    rows, passed = evaluate(baseline, load_sources(args.metrics))
     report = markdown(rows)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        args.out.with_suffix(".json").write_text(json.dumps({"passed": passed, "checks": [r.__dict__ for r in rows]}, indent=2))
+        from moe_engine.io import write_json, write_text
+
+        write_text(args.out, report)
+        write_json(args.out.with_suffix(".json"), {"passed": passed, "checks": [r.__dict__ for r in rows]})
     print("gate: PASSED" if passed else "gate: FAILED (regressions above)")
     return 0 if passed else 1
 

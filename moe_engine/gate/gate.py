@@ -21,8 +21,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_engine.errors import UserError
 
-class GateError(ValueError):
+
+class GateError(UserError, ValueError):
     """The baseline or a metrics file is malformed or missing a value."""
 
 
@@ -53,11 +55,19 @@ def lookup(data: dict, dotted: str):
 
 
 def evaluate(baseline: dict, sources: dict[str, dict]) -> tuple[list[CheckResult], bool]:
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("checks"), list) or not baseline["checks"]:
+        raise GateError("the baseline has no checks: it needs a non-empty 'checks' list (a gate that checks nothing "
+                        "would always pass); see moe_engine/gate/gate.py for the format")
     rows = []
-    for i, check in enumerate(baseline.get("checks", [])):
+    for i, check in enumerate(baseline["checks"]):
+        if not isinstance(check, dict):
+            raise GateError(f"baseline check #{i} must be a mapping, got {check!r}")
         missing = {"name", "source", "key", "baseline", "better"} - set(check)
         if missing:
             raise GateError(f"baseline check #{i} lacks {sorted(missing)}")
+        for key in ("baseline", "tolerance", "tolerance_abs"):
+            if key in check and (isinstance(check[key], bool) or not isinstance(check[key], (int, float))):
+                raise GateError(f"check {check['name']!r}: {key} must be a number, got {check[key]!r}")
         if check["better"] not in ("lower", "higher"):
             raise GateError(f"check {check['name']!r}: better must be 'lower' or 'higher'")
         if check["source"] not in sources:

@@ -41,3 +41,19 @@ def test_cli_exit_codes(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
     proc = subprocess.run(cmd[:-2] + ["--metrics", f"tr={tmp_path / 'missing.json'}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("baseline, message", [
+    ({"checks": []}, "the baseline has no checks"),
+    ({"about": "forgot the checks"}, "the baseline has no checks"),
+    ({"checks": ["loss"]}, "check #0 must be a mapping"),
+    ({"checks": [dict(BASE["checks"][0], baseline="5.0")]}, "baseline must be a number, got '5.0'"),
+    ("[1, 2", "is not valid JSON"),
+])
+def test_an_empty_or_malformed_baseline_exits_2(baseline, message, tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(baseline if isinstance(baseline, str) else json.dumps(baseline))
+    (tmp_path / "ev.json").write_text(json.dumps({"moe": {"val_loss": 5.0}}))
+    proc = subprocess.run([sys.executable, "-m", "moe_engine.cli", "gate", "--baseline", str(path),
+                           "--metrics", f"ev={tmp_path / 'ev.json'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
