@@ -50,13 +50,13 @@ def metrics_of(raw: dict[str, dict]) -> dict:
     for other in names[1:]:
         diffs: dict = {}
         for task in metrics[names[0]]:
-            row = {}
+            row: dict = {}
             for metric in MAIN_METRICS:
                 found = paired_difference(raw[names[0]], raw[other], task, metric)
                 if found is not None:
-                    row[metric], row[f"{metric}_stderr"], row["n"] = found
+                    row[metric], row[f"{metric}_stderr"], n = found
             if row:
-                diffs[task] = row
+                diffs[task] = {**row, "n": n}
         metrics[f"{names[0]}_minus_{other}"] = diffs
     return metrics
 
