@@ -33,6 +33,7 @@ COMMANDS = (
     "moe_engine.data.cli",
     "moe_engine.training.cli",
     "moe_engine.evaluation.cli",
+    "moe_engine.benchmark.cli",
     "moe_engine.analytics.cli",
     "moe_engine.gate.cli",
     "moe_engine.tracking.cli",

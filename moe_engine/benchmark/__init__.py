@@ -1,0 +1,1 @@
+"""Benchmark stage: multiple-choice tasks on EleutherAI's lm-evaluation-harness, MoE vs dense baselines."""
