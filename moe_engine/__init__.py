@@ -27,12 +27,14 @@ _EXPORTS = {
     "Routing": "moe_engine.moe.routing",
     "Trainer": "moe_engine.training.trainer",
     "PretrainConfig": "moe_engine.training.config",
+    "finetune": "moe_engine.finetune.run",
+    "FinetuneConfig": "moe_engine.finetune.config",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-_SUBPACKAGES = {"data", "analytics", "models", "moe", "training"}
+_SUBPACKAGES = {"data", "analytics", "models", "moe", "training", "benchmark"}  # finetune: the function me.finetune
 
 
 def __getattr__(name):

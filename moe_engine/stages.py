@@ -32,6 +32,7 @@ class Stage:
 COMMANDS = (
     "moe_engine.data.cli",
     "moe_engine.training.cli",
+    "moe_engine.finetune.cli",
     "moe_engine.evaluation.cli",
     "moe_engine.benchmark.cli",
     "moe_engine.analytics.cli",

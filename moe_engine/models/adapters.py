@@ -37,6 +37,8 @@ class Adapter:
     router_config: Callable[[object], RouterConfig]  # hf config -> router settings
     build: Callable[[nn.Module, RouterConfig, object], MoELayer]
     init_weights: Callable[[nn.Module, object], None]  # (module, hf config): what the stock _init_weights does for its MoE parts
+    attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projection module names (LoRA targets)
+    shared_experts: str = "shared_expert"  # module name of the shared expert(s), if the architecture has them
 
 
 def _init_topk_router(module: nn.Module, config) -> None:
@@ -173,8 +175,11 @@ ADAPTERS: dict[str, Adapter] = {
     "mixtral": Adapter("MixtralSparseMoeBlock", _mixtral_rc, _topk_layer, _init_topk_router),
     "olmoe": Adapter("OlmoeSparseMoeBlock", _olmoe_rc, _topk_layer, _init_topk_router),
     "qwen2_moe": Adapter("Qwen2MoeSparseMoeBlock", _olmoe_rc, _topk_layer, _init_topk_router),
-    "deepseek_v3": Adapter("DeepseekV3MoE", _deepseek_rc, _topk_layer, _init_topk_router),
-    "switch_transformers": Adapter("SwitchTransformersSparseMLP", _switch_rc, _switch_layer, _init_switch_layer),
+    "deepseek_v3": Adapter("DeepseekV3MoE", _deepseek_rc, _topk_layer, _init_topk_router,
+                           attention=("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+                           shared_experts="shared_experts"),
+    "switch_transformers": Adapter("SwitchTransformersSparseMLP", _switch_rc, _switch_layer, _init_switch_layer,
+                                   attention=("q", "k", "v", "o")),
 }
 
 # transformers' experts implementations -> the engine layer's expert path (MoELayer.experts_mode)

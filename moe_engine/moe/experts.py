@@ -1,5 +1,5 @@
 """Expert weights and the grouped expert MLP. Shape legend in ``routing.py``; H is the expert's
-input-projection width (2F for gated SwiGLU-style experts, F otherwise).
+input-projection width (2F for gated SwiGLU-style experts, F otherwise); R a LoRA rank.
 
 Weights use transformers' layout so checkpoints load unchanged: fused 3-D ``gate_up_proj`` [E, 2F, D]
 (gate rows first, then up) and ``down_proj`` [E, D, F]; non-gated experts use ``up_proj`` [E, F, D].
@@ -7,6 +7,8 @@ Switch Transformers keeps one ``wi``/``wo`` module per expert; those are stacked
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +60,65 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool
         return experts.up_proj, experts.down_proj, False
     if isinstance(experts, nn.ModuleDict):  # Switch: expert_i.wi [F, D], expert_i.wo [D, F]
         mlps = [experts[f"expert_{i}"] for i in range(len(experts))]
-        w_in = torch.stack([m.wi.weight for m in mlps])
-        w_out = torch.stack([m.wo.weight for m in mlps])
+        base = lambda m: m.base_layer if _is_lora_linear(m) else m  # noqa: E731 - peft LoRA keeps the Linear inside
+        w_in = torch.stack([base(m.wi).weight for m in mlps])
+        w_out = torch.stack([base(m.wo).weight for m in mlps])
         return w_in, w_out, False
     raise TypeError(f"{type(experts).__name__} holds no expert weights this engine understands")
+
+
+@dataclass
+class LowRank:
+    """One LoRA adapter on a fused expert weight [E, O, I]: ``delta_e = scale * b_EOR[e] @ a_ERI[e]``.
+    The expert path computes ``x W_e^T + scale * ((dropout(x) a_e^T) b_e^T)``: two thin grouped GEMMs,
+    never the [E, O, I] delta (peft's own ``target_parameters`` forward rebuilds W + delta each call)."""
+
+    a_ERI: torch.Tensor
+    b_EOR: torch.Tensor
+    scale: float
+    dropout: float = 0.0
+
+
+def _is_param_wrapper(module) -> bool:  # peft's LoRA on an nn.Parameter (target_parameters)
+    return hasattr(module, "parameter_name") and hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _is_lora_linear(module) -> bool:  # peft's LoRA on an nn.Linear (target_modules)
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(getattr(module, "base_layer"), nn.Linear)
+
+
+def _active(wrapper) -> list[str]:
+    if getattr(wrapper, "disable_adapters", False) or getattr(wrapper, "merged", False):
+        return []
+    return [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+
+
+def expert_lora(experts: nn.Module, dropout: float = 0.0) -> tuple[nn.Module, dict[str, list[LowRank]]]:
+    """(the experts module under any peft LoRA wrappers, {"in": [...], "out": [...]} low-rank terms of the
+    active adapters). Reads peft's own weights (no copy), so its optimizer and ``save_pretrained`` work
+    unchanged; recognises peft by duck typing (the engine does not import it)."""
+    terms: dict[str, list[LowRank]] = {"in": [], "out": []}
+    module = experts
+    while _is_param_wrapper(module):  # nested: one wrapper per targeted parameter
+        which = "out" if module.parameter_name == "down_proj" else "in"
+        for name in _active(module):
+            lhs, rhs, scale = module.get_delta_factors(name)  # delta = scale * lhs @ rhs in the parameter's layout
+            param = module.get_param()
+            if lhs.shape[:2] != param.shape[:2] or rhs.shape[-1] != param.shape[-1]:
+                raise TypeError(f"unexpected LoRA factor layout {tuple(lhs.shape)} @ {tuple(rhs.shape)} for {tuple(param.shape)}")
+            terms[which].append(LowRank(rhs, lhs, scale, dropout))
+        module = module.base_layer
+    if isinstance(module, nn.ModuleDict):  # Switch: peft LoRA on each expert's wi / wo Linear
+        mlps = [module[f"expert_{i}"] for i in range(len(module))]
+        for which, attr in (("in", "wi"), ("out", "wo")):
+            first = getattr(mlps[0], attr)
+            if not _is_lora_linear(first):
+                continue
+            for name in _active(first):
+                a = torch.stack([getattr(m, attr).lora_A[name].weight for m in mlps])
+                b = torch.stack([getattr(m, attr).lora_B[name].weight for m in mlps])
+                terms[which].append(LowRank(a, b, first.scaling[name], dropout))
+    return module, terms
 
 
 def _use_grouped_mm(x_AD: torch.Tensor, w: torch.Tensor) -> bool:
@@ -90,6 +147,15 @@ def grouped_linear(x_AD: torch.Tensor, w_EOI: torch.Tensor, p: DispatchPlan) -> 
     return torch.cat(outs)
 
 
+def lora_linear(x_AD: torch.Tensor, w_EOI: torch.Tensor, p: DispatchPlan, terms: list[LowRank], training: bool) -> torch.Tensor:
+    """``grouped_linear`` plus each LoRA term, as (x a^T) b^T per expert."""
+    y_AO = grouped_linear(x_AD, w_EOI, p)
+    for t in terms:
+        x = F.dropout(x_AD, t.dropout, training=True) if t.dropout > 0 and training else x_AD
+        y_AO = y_AO + t.scale * grouped_linear(grouped_linear(x, t.a_ERI.to(x.dtype), p), t.b_EOR.to(x.dtype), p)
+    return y_AO
+
+
 def expert_mlp(
     x_AD: torch.Tensor,
     p: DispatchPlan,
@@ -99,9 +165,12 @@ def expert_mlp(
     act,
     dropout: float = 0.0,
     training: bool = False,
+    lora: dict[str, list[LowRank]] | None = None,
 ) -> torch.Tensor:
-    """Each expert's MLP on its rows: down(act(gate) * up) when gated, else down(act(up))."""
-    h_AH = grouped_linear(x_AD, w_in_EHD, p)
+    """Each expert's MLP on its rows: down(act(gate) * up) when gated, else down(act(up)); ``lora``
+    adds low-rank terms to the input ("in") and output ("out") projections."""
+    lora = lora or {}
+    h_AH = lora_linear(x_AD, w_in_EHD, p, lora.get("in", []), training)
     if gated and act is F.silu:
         h_AF = swiglu(h_AH)  # fused Triton kernel on CUDA
     elif gated:
@@ -111,4 +180,4 @@ def expert_mlp(
         h_AF = act(h_AH)
     if dropout > 0 and training:
         h_AF = F.dropout(h_AF, dropout, training=True)
-    return grouped_linear(h_AF, w_out_EDF, p)
+    return lora_linear(h_AF, w_out_EDF, p, lora.get("out", []), training)

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from moe_engine.moe import dispatch
 from moe_engine.moe.expert_parallel import ExpertParallel, ep_routed_experts
-from moe_engine.moe.experts import Experts, activation, expert_mlp, expert_weights
+from moe_engine.moe.experts import Experts, activation, expert_lora, expert_mlp, expert_weights
 from moe_engine.moe.losses import AttachAuxLoss
 from moe_engine.moe.router import Router, RouterConfig
 from moe_engine.moe.routing import Routing, routing_stats
@@ -113,6 +113,7 @@ class MoELayer(nn.Module):
         # Set by the model adapter's hooks for one forward: the [B, S] padding mask of this layer's
         # sequence (False = padding), and whether router logits are recorded [B, S, E] (Switch) or [T, E]
         self.padding_mask_BS: torch.Tensor | None = None
+        self.lora_dropout = 0.0  # dropout on the input of LoRA adapters on the experts (peft's own path allows none)
         self.router_logits_3d = False
         self.last_aux_loss: torch.Tensor | None = None
         self._last_routing: tuple[Routing, torch.Tensor] | None = None
@@ -120,7 +121,14 @@ class MoELayer(nn.Module):
 
     @property
     def moe_router(self) -> Router:
-        return self._modules[self.router_name]
+        router = self._modules[self.router_name]
+        if hasattr(router, "modules_to_save") and hasattr(router, "original_module"):  # peft trains a copy of it
+            active = getattr(router, "active_adapter", None)
+            active = active[0] if isinstance(active, (list, tuple)) else active
+            if not getattr(router, "disable_adapters", False) and active in router.modules_to_save:
+                return router.modules_to_save[active]
+            return router.original_module
+        return router
 
     @property
     def shared(self) -> nn.Module | None:
@@ -179,8 +187,11 @@ class MoELayer(nn.Module):
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(out_TD, tokens_per_expert_E): dispatch, run every expert, combine."""
-        w_in, w_out, gated = expert_weights(self.experts)
+        experts, lora = expert_lora(self.experts, self.lora_dropout)
+        w_in, w_out, gated = expert_weights(experts)
         if self.expert_parallel is not None:
+            if lora["in"] or lora["out"]:
+                raise ValueError("LoRA on experts is not supported with expert parallelism (ep_size > 1)")
             if not routing.token_major:
                 raise ValueError("expert-choice routing is not supported with expert parallelism (ep_size > 1)")
             return ep_routed_experts(
@@ -189,11 +200,12 @@ class MoELayer(nn.Module):
         plan = dispatch.plan(routing.expert_idx_A, self.num_experts, may_drop=routing.may_drop)
         if routing.token_major:
             x_AD = dispatch.permute(x_TD, plan, routing.top_k)
-            y_AD = expert_mlp(x_AD, plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training)
+            y_AD = expert_mlp(x_AD, plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training, lora)
             out_TD = dispatch.unpermute(y_AD, routing.weight_A, plan, routing.top_k)
         else:  # expert choice: a token appears 0..E times, combine by index_add
             token_A = routing.token_idx_A.index_select(0, plan.order_A)
-            y_AD = expert_mlp(x_TD.index_select(0, token_A), plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training)
+            y_AD = expert_mlp(x_TD.index_select(0, token_A), plan, w_in, w_out, gated, self.act, self.expert_dropout,
+                              self.training, lora)
             y_AD = y_AD * routing.weight_A.index_select(0, plan.order_A)[:, None]
             out_TD = torch.zeros_like(x_TD).index_add(0, token_A, y_AD.to(x_TD.dtype))
         return out_TD, plan.counts_E

@@ -74,6 +74,7 @@ class TrainLoop:
     out_dir: Path
     eval_data: Callable[[str, int, int], Any] | None = None  # (split, rank, world) -> batches, or None if the split is empty
     settings: dict = field(default_factory=dict)  # the run's settings, recorded in checkpoints
+    prepare: Callable[[torch.nn.Module], None] | None = None  # after experts are sharded, before the optimizer sees params
     # set up by setup()
     step: int = 0
     start: int = 0
@@ -102,6 +103,8 @@ class TrainLoop:
                 layer.aux_grad_scale = 1.0 / cfg.grad_accum
         elif cfg.ep_size > 1:
             raise ValueError("ep_size > 1 needs an MoE model (dense models have no experts)")
+        if self.prepare is not None:  # e.g. which parameters train (fine-tuning methods)
+            self.prepare(model)
         groups = param_groups(model, cfg.weight_decay)
         if not any(g["params"] for g in groups):
             raise ValueError("no parameter is trainable: nothing to optimise")

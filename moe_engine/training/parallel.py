@@ -141,15 +141,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # no decay on 1-D params, nor where a method asks (ESFT's partly frozen experts)
+            (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     # one optimizer group per (decay, expert group): DeepSpeed's default splits expert params into
     # ~179M-element groups, and ZeRO pays a few host syncs per group every step
-    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]], max_group_size=2**62)
+    split = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]], max_group_size=2**62)
+    return [g for g in split if g["params"]]  # the split can empty a group (every param of it an expert's); DeepSpeed drops those
 
 
 def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:

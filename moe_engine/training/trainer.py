@@ -92,6 +92,21 @@ def read_data_manifest(data: Path) -> dict:
     return manifest
 
 
+def export_model(loop: TrainLoop, out: Path, tokenizer=None, module=None) -> Path | None:
+    """Hugging Face checkpoint of the trained model (experts gathered from every rank) at ``out``;
+    collective, rank 0 writes. ``module``: another view of the model to save (e.g. a merged LoRA)."""
+    from moe_engine.models.io import save_model
+    from moe_engine.training.parallel import gather_experts
+
+    module = module if module is not None else loop.module
+    full_experts = gather_experts(module) if loop.is_moe else {}  # collective
+    if loop.rank != 0:
+        return None
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    state.update({k: v.cpu() for k, v in full_experts.items()})
+    return save_model(module, out, state_dict=state, tokenizer=tokenizer)
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module | None = None, data: str | Path | None = None,
                  config: PretrainConfig | dict | None = None, out_dir: str | Path = "outputs/pretrain",
@@ -180,16 +195,7 @@ class Trainer:
                             batch_size=min(self.config.micro_batch_size, per_rank), drop_last=False)
 
     def export(self, loop: TrainLoop, out: Path) -> Path | None:
-        """Hugging Face checkpoint of the full model (experts gathered from every rank) at ``out``."""
-        from moe_engine.models.io import save_model
-        from moe_engine.training.parallel import gather_experts
-
-        full_experts = gather_experts(loop.module) if loop.is_moe else {}  # collective
-        if loop.rank != 0:
-            return None
-        state = {k: v.detach().cpu() for k, v in loop.module.state_dict().items()}
-        state.update({k: v.cpu() for k, v in full_experts.items()})
-        return save_model(loop.module, out, state_dict=state, tokenizer=self.data / "tokenizer")
+        return export_model(loop, out, self.data / "tokenizer")
 
     # ------------------------------------------------------------------ callbacks
     def _callbacks(self) -> list:
@@ -269,6 +275,9 @@ class Trainer:
             summary.update({k: previous[k] for k in ("final_loss", "tokens_per_s") if k in previous})
         write_json(self.out_dir / "metrics.json", summary)
         write_json(self.out_dir / "tokens_per_expert.json", result.tokens_per_expert)
+        # who made model/: later stages (finetune) tag their MLflow runs with it for lineage
+        write_json(self.out_dir / "run.json", {"stage": self.stage, "mlflow_run_id": result.mlflow_run_id,
+                                               "data": str(self.data), "steps": cfg.steps})
         result.final_metrics = {"val/loss": val_loss, "ood/loss": ood_loss, "train/final_loss": summary["final_loss"]}
         result.artifacts = [(self.out_dir / "metrics.json", None), (self.out_dir / "tokens_per_expert.json", None),
                             (self.out_dir / "history.csv", None)]
