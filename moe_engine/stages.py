@@ -14,12 +14,13 @@ from importlib import import_module
 @dataclass(frozen=True)
 class Stage:
     name: str  # the DVC stage in dvc.yaml
-    command: str  # the moe-lab subcommand that runs it
+    cli: str  # the module whose add_parser registers the command the stage runs
     section: str | None  # its params.yaml section (None: no settings)
     config: str | None  # "module:Class" of its typed config
     artifacts: tuple[str, ...] = ()  # small files that document the stage in its MLflow run / Prefect artifact
     model_dir: str | None = None  # the Hugging Face model it produces (registered in MLflow), if any
     description: str = ""
+    result: bool = False  # True: exit code 1 with a report is a result (a gate that failed), not a crash
 
     def config_class(self):
         if self.config is None:
@@ -42,19 +43,24 @@ COMMANDS = (
 
 # the DVC pipeline, in dvc.yaml order (the gate last)
 PIPELINE: tuple[Stage, ...] = (
-    Stage("data", "data prepare", "data", "moe_engine.data.config:DataConfig",
+    Stage("data", "moe_engine.data.cli", "data", "moe_engine.data.config:DataConfig",
           artifacts=("outputs/data/manifest.json",), description="raw text -> tokenizer -> validated token shards"),
-    Stage("pretrain", "pretrain", "pretrain", "moe_engine.training.config:PretrainConfig",
+    Stage("pretrain", "moe_engine.training.cli", "pretrain", "moe_engine.training.config:PretrainConfig",
           artifacts=("outputs/pretrain/tokens_per_expert.json",), model_dir="outputs/pretrain/model",
           description="pretrain the MoE"),
-    Stage("pretrain_dense", "pretrain", "pretrain_dense", "moe_engine.training.config:PretrainConfig",
+    Stage("pretrain_dense", "moe_engine.training.cli", "pretrain_dense", "moe_engine.training.config:PretrainConfig",
           model_dir="outputs/pretrain_dense/model", description="pretrain the dense baseline matched on active parameters"),
-    Stage("evaluate", "evaluate", "evaluate", "moe_engine.evaluation.config:EvaluateConfig",
+    Stage("finetune", "moe_engine.finetune.cli", "finetune", "moe_engine.finetune.config:FinetuneConfig",
+          artifacts=("outputs/finetune/compare.md",), model_dir="outputs/finetune/model",
+          description="LoRA fine-tune of the MoE on a task, before/after"),
+    Stage("evaluate", "moe_engine.evaluation.cli", "evaluate", "moe_engine.evaluation.config:EvaluateConfig",
           artifacts=("outputs/evaluate/compare.md",), description="held-out and out-of-domain loss, MoE vs dense"),
-    Stage("analyze", "analyze", "analyze", "moe_engine.analytics.analyze:AnalyzeSettings",
+    Stage("benchmark", "moe_engine.benchmark.cli", "benchmark", "moe_engine.benchmark.config:BenchmarkConfig",
+          artifacts=("outputs/benchmark/compare.md",), description="lm-eval multiple-choice tasks, MoE vs dense"),
+    Stage("analyze", "moe_engine.analytics.cli", "analyze", "moe_engine.analytics.analyze:AnalyzeConfig",
           artifacts=("outputs/analyze/report.html",), description="router analytics of the snapshots and the final model"),
-    Stage("gate", "gate", None, None, artifacts=("outputs/gate/report.md", "outputs/gate/report.json"),
-          description="benchmark gate against benchmarks/gate_baseline.json"),
+    Stage("gate", "moe_engine.gate.cli", None, None, artifacts=("outputs/gate/report.md", "outputs/gate/report.json"),
+          description="benchmark gate against benchmarks/gate_baseline.json", result=True),
 )
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import pandas as pd
 import torch
@@ -23,18 +23,25 @@ import torch
 from moe_engine.analytics import plots, report, tables
 from moe_engine.analytics.data import AnalyticsError, load_dataset, load_tokenizer
 from moe_engine.analytics.recorder import RoutingRecorder
+from moe_engine.config import Config
+from moe_engine.io import atomic_output
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(Config):
     """Settings of ``moe-lab analyze``; fields equal the keys of a params.yaml ``analyze:`` section."""
 
-    seq_len: int = 128
+    section: ClassVar[str] = "analyze"
+    seq_len: int = 128  # rows of text input (a shards directory keeps its own sequence length)
     batch_size: int = 8
     max_tokens: int = 16_384  # per domain
     max_bytes: int = 200_000  # read per text file
     min_token_count: int = 8  # token specialisation: ignore rarer token ids
     device: str = "cpu"
+
+    def check(self) -> None:
+        for key in ("seq_len", "batch_size", "max_tokens", "max_bytes", "min_token_count"):
+            self.require(getattr(self, key) > 0, key, "> 0")
 
 
 @dataclass
@@ -94,14 +101,22 @@ def analyze(
     for p in paths:  # fail before reading any data
         if not (p / "config.json").is_file():
             raise AnalyticsError(f"{p} is not a model directory (no config.json); pass folders written by save_pretrained")
+    if tokenizer is None and (Path(data) / "manifest.json").is_file() and (Path(data) / "tokenizer").is_dir():
+        tokenizer = Path(data) / "tokenizer"  # a shards directory carries its tokenizer: decode the token tables
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     dataset = load_dataset(data, tok, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens, max_bytes=cfg.max_bytes)
     names = _checkpoint_names(paths)
     recorders = [record(load(p), dataset, cfg.batch_size, cfg.device) for p in paths]
-    final = recorders[-1]
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:  # the previous analysis stays until this one is complete
+        result = _write_outputs(recorders, names, dataset, cfg, tok, tmp)
+    result.out_dir, result.report = out, out / result.report.name
+    result.pngs = {k: out / v.name for k, v in result.pngs.items()}
+    return result
+
+
+def _write_outputs(recorders, names, dataset, cfg, tok, out: Path) -> AnalysisResult:
+    final = recorders[-1]
     experts = pd.concat([r.expert_table().assign(checkpoint=n) for r, n in zip(recorders, names)], ignore_index=True)
     result = AnalysisResult(out, out / "report.html")
     result.tables = {
@@ -184,6 +199,6 @@ def _write_report(result: AnalysisResult, names: list[str], dataset: dict[str, t
     meta = {
         "checkpoints (training order)": ", ".join(names),
         "domains (tokens)": ", ".join(f"{d} ({ids.numel()})" for d, ids in dataset.items()),
-        "settings": json.dumps(asdict(cfg)),
+        "settings": json.dumps(cfg.to_dict()),
     }
     report.write_report(result.report, "Router analytics", meta, blocks)

@@ -19,11 +19,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_engine.errors import UserError
+
 OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 TOKEN_FILES = {".pt", ".npy"}
 
 
-class AnalyticsError(ValueError):
+def load_heldout_shards(path: Path, max_tokens: int) -> dict[str, torch.Tensor]:
+    """``{domain: ids_NS}`` from the val and ood splits of a ``moe-lab data prepare`` directory: text
+    the model never trained on (the in-domain held-out chunks and the out-of-domain documents), at most
+    ``max_tokens`` per domain, rows as the shards store them."""
+    from moe_engine.data.loader import ShardDataset
+    from moe_engine.data.shards import read_manifest, sequence_domains
+
+    manifest = read_manifest(path)
+    out: dict[str, torch.Tensor] = {}
+    for split in ("val", "ood"):
+        if manifest["splits"].get(split, {}).get("sequences", 0) == 0:
+            continue
+        names, ids_N = sequence_domains(manifest, split)
+        reader = ShardDataset(path, split=split, batch_size=1, shuffle=False, epochs=1, drop_last=False)
+        rows = max(1, max_tokens // manifest["seq_len"])
+        for i, name in enumerate(names):
+            index = np.flatnonzero(ids_N == i)[:rows]
+            if len(index):
+                out[name] = torch.from_numpy(reader.read(index))
+    if not out:
+        raise AnalyticsError(f"{path}: no held-out (val/ood) sequences to analyse")
+    return out
+
+
+class AnalyticsError(UserError, ValueError):
     """A problem with the user's input that a message can explain (the CLI prints it, exit code 2)."""
 
 
@@ -103,6 +129,8 @@ def load_dataset(
     path = Path(path)
     if not path.exists():
         raise AnalyticsError(f"{path}: no such file or folder")
+    if (path / "manifest.json").is_file():  # a prepared shards directory: its held-out sequences
+        return load_heldout_shards(path, max_tokens)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise AnalyticsError(f"{path}: folder has no files")

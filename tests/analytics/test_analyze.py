@@ -100,7 +100,7 @@ def _tiny_ids(tmp_path):
     [
         (lambda t: [str(t / "nope"), "--data", str(_tiny_ids(t))], "is not a model directory"),
         (lambda t: [str(t / "ckpt"), "--data", str(t / "missing")], "no such file or folder"),
-        (lambda t: [str(t / "ckpt"), "--data", str(_tiny_ids(t)), "--seq-len", "0"], "--seq-len must be positive"),
+        (lambda t: [str(t / "ckpt"), "--data", str(_tiny_ids(t)), "--seq-len", "0"], "analyze.seq_len = 0: must be > 0"),
         (lambda t: [str(t / "ckpt"), "--data", str(t / "big.pt")], "does not match the model"),
     ],
 )
@@ -115,5 +115,16 @@ def test_cli_errors_print_one_line_and_exit_2(tmp_path, capsys, args, message):
 def test_add_parser_registers_analyze_with_func():
     parser = argparse.ArgumentParser(prog="moe-lab")
     cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["analyze", "a", "b", "--data", "d", "--out", "o", "--mlflow-uri", "sqlite:///x.db"])
-    assert args.func is cli.run and [str(c) for c in args.checkpoints] == ["a", "b"] and args.mlflow_uri == "sqlite:///x.db"
+    args = parser.parse_args(["analyze", "a", "b", "--data", "d", "--out", "o", "--max-tokens", "64"])
+    assert args.func is cli.run and [str(c) for c in args.checkpoints] == ["a", "b"] and args.max_tokens == 64
+
+
+def test_a_shards_directory_gives_its_held_out_sequences_per_domain(demo_data):
+    from moe_engine.analytics.data import load_dataset
+    from moe_engine.data.shards import read_manifest
+
+    dataset = load_dataset(demo_data, max_tokens=128)
+    manifest = read_manifest(demo_data)
+    held_out = set(manifest["splits"]["val"]["domains"]) | set(manifest["splits"]["ood"]["domains"])
+    assert set(dataset) == held_out and all(ids.shape[1] == manifest["seq_len"] for ids in dataset.values())
+    assert all(ids.numel() <= 128 for ids in dataset.values())
