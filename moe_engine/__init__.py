@@ -27,12 +27,13 @@ _EXPORTS = {
     "Routing": "moe_engine.moe.routing",
     "Trainer": "moe_engine.training.trainer",
     "PretrainConfig": "moe_engine.training.config",
+    "generate": "moe_engine.inference.generate",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-_SUBPACKAGES = {"data", "analytics", "models", "moe", "training"}
+_SUBPACKAGES = {"data", "analytics", "inference", "models", "moe", "training"}
 
 
 def __getattr__(name):
