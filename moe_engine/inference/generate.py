@@ -317,8 +317,7 @@ def generate(model_or_dir, prompts, config: GenerateConfig | None = None, *, tok
     timer = StepTimer(streamer, on_first_token=first_token if offloaded(model) else None)
     start = time.perf_counter()
     if cfg.cuda_graphs:
-        decoder = StaticDecoder(model, input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        decoder = _decoder(model, input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens, cfg)
         new = decoder.generate(input_ids, mask, cfg.max_new_tokens, eos_ids, pad, streamer=timer)
     else:
         new = _hf_generate(model, input_ids, mask, cfg, eos_ids, pad, timer)
@@ -333,6 +332,19 @@ def generate(model_or_dir, prompts, config: GenerateConfig | None = None, *, tok
         token_ids=token_ids, texts=texts, prompt_tokens=input_ids.shape[1], new_tokens=(len(timer.times) - 1) * len(token_ids),
         seconds=seconds, decode_seconds=timer.decode_seconds, offload=phases or None, settings=cfg.to_dict(),
     )
+
+
+def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> StaticDecoder:
+    """A captured decoder per (batch, length, sampling), kept on the model so that repeated calls of the
+    same shape replay the graph at once (at most four: each holds a static cache)."""
+    decoders = model.__dict__.setdefault("_moe_lab_decoders", {})
+    key = (batch, max_len, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p)
+    if key not in decoders:
+        if len(decoders) >= 4:
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = StaticDecoder(model, batch, max_len, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p)
+    return decoders[key]
 
 
 def _until_eos(row: list[int], eos_ids: list[int]) -> list[int]:

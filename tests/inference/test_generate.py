@@ -127,3 +127,17 @@ def test_generate_refuses_bad_settings_and_inputs(tiny_dir):
         me.generate(me.load(tiny_dir), "text needs a tokenizer")
     with pytest.raises(InputError, match="not a model directory"):
         me.generate(tiny_dir.parent / "missing", "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoder_matches_the_eager_loop_and_stock_transformers():
+    stock, patched = _pair("mixtral")
+    stock, patched = stock.cuda(), patched.cuda()
+    ids = _prompt(stock.config.vocab_size).cuda()
+    eager = StaticDecoder(patched, 2, ids.shape[1] + 12, capture=False).generate(ids, None, 12)
+    graphed = StaticDecoder(patched, 2, ids.shape[1] + 12, capture=True)
+    assert torch.equal(graphed.generate(ids, None, 12), eager) and graphed.graph is not None
+    assert torch.equal(graphed.generate(ids, None, 12), eager)  # a captured decoder replays from the first step
+    assert torch.equal(eager, stock.generate(ids, **GREEDY)[:, ids.shape[1]:])
+    result = me.generate(patched, ids, max_new_tokens=12, cuda_graphs=True, stop_at_eos=False)
+    assert result.token_ids == eager.tolist()
