@@ -192,7 +192,8 @@ def _engine_block(block, cfg):
     return adapter.build(block, adapter.router_config(cfg), cfg)
 
 
-def decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops) -> dict:
+def decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops, hf_impls=("eager", "grouped_mm"),
+                   hf_graphs=("grouped_mm", "grouped_mm->batched_mm")) -> dict:
     result = {"dims": s, "params": {}, "rows": [], "checks": {}}
     rows = result["rows"]
 
@@ -218,7 +219,7 @@ def decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops)
     with torch.no_grad():
         stock_logits = model(check_ids).logits.float()
     stock_tokens = me.generate(model, check_ids[:1], max_new_tokens=16, stop_at_eos=False).token_ids[0]
-    for impl in ("eager", "grouped_mm"):
+    for impl in hf_impls:
         model.set_experts_implementation(impl)
         label = "transformers eager" if impl == "eager" else "transformers grouped_mm->batched_mm"
         for batch in batches:
@@ -226,10 +227,12 @@ def decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops)
                 measure(label, model, "default", batch)
     if "graphs" in loops:
         model.set_experts_implementation("grouped_mm")
-        for batch in batches:
-            measure("transformers grouped_mm", model, "graphs", batch)
-        for batch in batches:
-            measure("transformers grouped_mm->batched_mm", model, "graphs", batch, SwitchingDecoder)
+        if "grouped_mm" in hf_graphs:
+            for batch in batches:
+                measure("transformers grouped_mm", model, "graphs", batch)
+        if "grouped_mm->batched_mm" in hf_graphs:
+            for batch in batches:
+                measure("transformers grouped_mm->batched_mm", model, "graphs", batch, SwitchingDecoder)
         model.set_experts_implementation("grouped_mm")
     me.patch(model)
     with torch.no_grad():
@@ -285,6 +288,7 @@ def offload_section(s, device, dtype, new_tokens, deadline) -> dict:
     from moe_engine.inference.offload import offload_experts
 
     base = me.patch(build("moe", s, device, dtype))
+    out_params = param_counts(base, s)
     recorder = RoutingRecorder(base)  # routing statistics on calibration prompts, for the stats policy
     with recorder, torch.no_grad():
         base(torch.randint(3, s["vocab"], (8, 64), generator=torch.Generator().manual_seed(11)).to(device))
@@ -292,33 +296,36 @@ def offload_section(s, device, dtype, new_tokens, deadline) -> dict:
     sample = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, seed=0, stop_at_eos=False)
     variants = {
         "resident (all experts on the GPU)": None,
-        "naive load-on-miss": OffloadConfig(resident=0.0, prefetch=False),
-        "lru 25%": OffloadConfig(resident=0.25), "lru 50%": OffloadConfig(resident=0.5),
-        "stats 25%": OffloadConfig(resident=0.25, policy="stats"), "stats 50%": OffloadConfig(resident=0.5, policy="stats"),
+        "naive load-on-miss": OffloadConfig(resident=0.0, prefetch=False),  # must stay the first offload (it pins)
+        # prefetch on in these rows, as measured in run 2 (it is off by default since: see OffloadConfig)
+        "lru 25%": OffloadConfig(resident=0.25, prefetch=True), "lru 50%": OffloadConfig(resident=0.5, prefetch=True),
+        "stats 25%": OffloadConfig(resident=0.25, policy="stats", prefetch=True),
+        "stats 50%": OffloadConfig(resident=0.5, policy="stats", prefetch=True),
         "lru 25% no prefetch": OffloadConfig(resident=0.25, prefetch=False),
-        "lru 25% + int8 misses": OffloadConfig(resident=0.25, low_precision_bits=8),
-        "lru 50% + int8 misses": OffloadConfig(resident=0.5, low_precision_bits=8),
-        "lru 25% + int4 misses": OffloadConfig(resident=0.25, low_precision_bits=4),
+        "lru 25% + int8 misses": OffloadConfig(resident=0.25, low_precision_bits=8, prefetch=True),
+        "lru 50% + int8 misses": OffloadConfig(resident=0.5, low_precision_bits=8, prefetch=True),
+        "lru 25% + int4 misses": OffloadConfig(resident=0.25, low_precision_bits=4, prefetch=True),
     }
     out, reference = {"dims": s, "batch": 1, "rows": {}}, None
+    model = base
     for name, cfg in variants.items():
         if time.perf_counter() > deadline:
             out["rows"][name] = {"skipped": "time budget"}
             continue
         try:
-            model = base if cfg is None else offload_experts(copy.deepcopy(base), cfg, device=device, dtype=dtype,
-                                                             stats_source=recorder)
+            if cfg is not None:  # the first offload pins every expert once; later ones re-plan the caches
+                setup = time.perf_counter()
+                offload_experts(model, cfg, device=device, dtype=dtype, stats_source=recorder)
+                setup = time.perf_counter() - setup
             me.generate(model, ids, **dict(sample, max_new_tokens=4))
             res = me.generate(model, ids, **sample)
             row = dict(tokens_per_s=res.decode_tokens_per_s)
             if res.offload:
                 d = res.offload["decode"]
                 row.update({k: d[k] for k in ("hit_rate", "prefetch_accuracy", "bytes_per_token", "stall_s_per_token",
-                                              "misses", "low_precision_loads")})
+                                              "misses", "prefetched", "low_precision_loads")}, setup_s=setup)
             reference = reference or res.token_ids[0]
             row["same_tokens_as_resident"] = res.token_ids[0] == reference
-            if model is not base:
-                del model
         except Exception as exc:  # noqa: BLE001
             row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             traceback.print_exc(limit=3)
@@ -326,6 +333,7 @@ def offload_section(s, device, dtype, new_tokens, deadline) -> dict:
             torch.cuda.empty_cache()
         out["rows"][name] = row
         log(f"offload {name:34s}", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    out["params"] = out_params
     naive = out["rows"].get("naive load-on-miss", {}).get("tokens_per_s")
     for row in out["rows"].values():
         if naive and row.get("tokens_per_s"):
@@ -371,7 +379,8 @@ def environment(device) -> dict:
 
 def print_tables(report):
     for name, sec in report.get("decode", {}).items():
-        log(f"\n{name}: decode tokens/s (batch 1/4/8/16/32)")
+        batch_list = sorted({r["batch"] for r in sec["rows"]})
+        log(f"\n{name}: decode tokens/s (batch {'/'.join(map(str, batch_list))})")
         by = {}
         for r in sec["rows"]:
             by.setdefault((r["model"], r["loop"]), {})[r["batch"]] = r
@@ -402,7 +411,12 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16, 32])
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens generated per timed call")
     ap.add_argument("--sections", nargs="*", default=["bandwidth", "crossover", "decode", "offload", "hf_compile"])
-    ap.add_argument("--offload-shape", default="mixtral-8l")
+    ap.add_argument("--offload-shape", default="mixtral-8x7b-4l",
+                    help="offload needs a shape where copies dominate: mixtral-8l's whole step is host-bound (run 1)")
+    ap.add_argument("--hf-impls", nargs="*", default=["eager", "grouped_mm"], help="transformers experts in the default loop")
+    ap.add_argument("--hf-graphs", nargs="*", default=["grouped_mm", "grouped_mm->batched_mm"],
+                    help="transformers experts in the graphs loop")
+    ap.add_argument("--crossover-tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
     args = ap.parse_args(argv)
 
@@ -431,11 +445,12 @@ def main(argv=None):
         report["bandwidth"] = bandwidth(device)
         log("bandwidth", report["bandwidth"])
     if "crossover" in args.sections:
-        report["crossover"] = crossover(shapes, device, dtype, [1, 2, 4, 8, 16, 32, 64, 128, 256])
+        report["crossover"] = crossover(shapes, device, dtype, args.crossover_tokens)
         save()
     if "decode" in args.sections:
         for name, s in shapes.items():
-            report["decode"][name] = decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops)
+            report["decode"][name] = decode_section(name, s, device, dtype, batches, new_tokens, deadline, loops,
+                                                    args.hf_impls, args.hf_graphs)
             save()
     off_shape = shapes.get(args.offload_shape) or next(iter(shapes.values()))
     if "offload" in args.sections:

@@ -2,7 +2,7 @@
 
     moe-lab generate --model outputs/pretrain/model --prompt "Once upon a time" --max-new-tokens 64 \
         [--sample --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0] [--static-cache | --compile | --cuda-graphs] \
-        [--offload 0.25 --offload-store disk --offload-policy stats --offload-stats expert_load.csv] \
+        [--offload 0.25 --offload-store disk --offload-policy stats --offload-stats expert_load.csv --prefetch] \
         [--params params.yaml --set max_new_tokens=32] [--json result.json]
 
 Settings resolve in order: the defaults, the ``generate:`` section of ``--params``, ``--set`` items,
@@ -22,7 +22,7 @@ _FLAGS = {  # argparse dest -> GenerateConfig key
     "cuda_graphs": "cuda_graphs", "experts_mode": "experts_mode", "ignore_eos": "stop_at_eos",
 }
 _OFFLOAD_FLAGS = {
-    "offload_store": "store", "offload_policy": "policy", "offload_stats": "stats", "no_prefetch": "prefetch",
+    "offload_store": "store", "offload_policy": "policy", "offload_stats": "stats", "prefetch": "prefetch",
     "low_precision_bits": "low_precision_bits", "low_precision_below": "low_precision_below",
 }
 
@@ -42,8 +42,6 @@ def _config(args):
     if given and args.offload is None and not cfg.offload.enabled:
         raise ConfigError(f"--{given[0].replace('_', '-')} needs --offload FRACTION (the share of experts kept on the device)")
     offload = {_OFFLOAD_FLAGS[dest]: getattr(args, dest) for dest in given}
-    if "prefetch" in offload:
-        offload["prefetch"] = not offload["prefetch"]
     if args.offload is not None:
         offload.update(enabled=True, resident=args.offload)
     for key, value in offload.items():
@@ -129,7 +127,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--offload-store", choices=["pinned", "disk"], help="pinned RAM (default) or the safetensors files (mmap)")
     p.add_argument("--offload-policy", choices=["lru", "stats"], help="cache eviction: lru (default) or stats (routing frequency)")
     p.add_argument("--offload-stats", help="routing statistics for --offload-policy stats: tokens_per_expert.json or expert_load.csv")
-    p.add_argument("--no-prefetch", action="store_const", const=True, help="do not prefetch the next layer's likely experts")
+    p.add_argument("--prefetch", action="store_const", const=True,
+                   help="prefetch the next layer's likely experts (its router on this layer's input) while this one computes")
     p.add_argument("--low-precision-bits", type=int, choices=[0, 4, 8], help="copy 8- or 4-bit experts on a miss (HOBBIT); 0: off")
     p.add_argument("--low-precision-below", type=float, help="...only for assignments whose routing weight is below this (default 1)")
     p.add_argument("--params", type=Path, help="params.yaml with a generate: section")

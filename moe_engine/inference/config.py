@@ -20,7 +20,10 @@ class OffloadConfig(Config):
     store: Literal["pinned", "disk"] = "pinned"  # where every expert lives: pinned RAM, or the model's safetensors (mmap)
     policy: Literal["lru", "stats"] = "lru"  # eviction: least recently used, or lowest routing frequency
     stats: str | None = None  # policy "stats": tokens_per_expert.json (pretrain) or expert_load.csv (analyze); None: counted online
-    prefetch: bool = True  # apply the next layer's router to this layer's input and load its likely experts early
+    # apply the next layer's router to this layer's input and load its likely experts early. Off by default:
+    # on one H200 (benchmarks/results/decode_h200_run2.json) the guesses were 49-61% right on random-weight
+    # models, copies are bound by the 55 GB/s host link, and a wrong guess costs a whole expert's copy
+    prefetch: bool = False
     low_precision_bits: int = 0  # 8 or 4: on a miss, copy a quantized version instead (HOBBIT); 0: off (exact)
     low_precision_below: float = 1.0  # ...only for assignments whose routing weight is below this
 

@@ -18,8 +18,8 @@ Per forward of layer L (a decode step is one token per sequence):
 2. a chosen expert found in L's cache is a hit; a miss overwrites the slot the policy gives up
    (``lru``, or ``stats``: the lowest routing frequency, from analytics' counts and the ones seen
    online) with a copy from the store, on a side CUDA stream;
-3. L+1's guessed experts are copied into L+1's cache on the same side stream (prefetch), so they
-   load while L computes;
+3. with ``prefetch``, L+1's guessed experts are copied into L+1's cache on the same side stream, so
+   they load while L computes (into free slots or slots L+1's last forward did not use);
 4. the compute stream waits only for L's own copies. Stall time is that wait, measured with CUDA
    events (on a CPU: the copy time itself).
 A forward that needs more distinct experts than the cache holds (a long prompt) gets them in a
@@ -89,8 +89,10 @@ class _Policy:
     def score(self, e: int) -> float:
         return self.prior[e] + self.seen[e] / max(self.total, 1)
 
-    def victim(self, protect: set[int]) -> int:
+    def victim(self, protect: set[int]) -> int | None:
         candidates = [e for e in self.order if e not in protect]
+        if not candidates:
+            return None
         if self.kind == "lru":
             return candidates[0]
         return min(candidates, key=self.score)  # min keeps the least recent among equal scores
@@ -118,6 +120,7 @@ class OffloadedExperts(nn.Module):
         self.policy = _Policy(config.policy, prior_E, self.num_experts)
         self.stats = OffloadStats()
         self.link: tuple = ()  # (the next MoE layer's experts, its router) for prefetch; a tuple, not submodules
+        self.last_used: set[int] = set()  # experts of this layer's previous forward: a prefetch never evicts them
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -148,8 +151,9 @@ class OffloadedExperts(nn.Module):
         self.stats.tokens += x_TD.shape[0]
         self.policy.count([e for e in chosen_A if e < self.num_experts])
         if len(needed) > self.capacity:
+            self.last_used = set(needed)
             return self._overflow(needed, chosen_A)
-        start, waits = time.perf_counter(), []
+        waits = []
         for e in needed:
             slot = self.slot_of.get(e)
             if slot is not None and not (self.low_slot[slot] and e in full):
@@ -162,9 +166,10 @@ class OffloadedExperts(nn.Module):
                 slot = self._load(e, protect=set(needed), low=bool(self.config.low_precision_bits) and e not in full)
             self.policy.touch(e)
             waits.append(slot)
+        self.last_used = set(needed)
         if guess:
             nxt._prefetch(guessed)
-        self._wait(waits, start)
+        self._wait(waits)
         slot_A = [self.slot_of[e] if e < self.num_experts else self.capacity for e in chosen_A]
         slot_A = torch.tensor(slot_A, dtype=torch.long).to(routing.expert_idx_A.device, non_blocking=True)
         return ExpertSlots(self.slots_in, self.slots_out, self.gated, slot_A)
@@ -186,15 +191,21 @@ class OffloadedExperts(nn.Module):
         slot_out.copy_(w_out, non_blocking=True)
         return sum(t.numel() * t.element_size() for t in (*parts_in, w_out))
 
-    def _load(self, e: int, protect: set[int], low: bool, prefetch: bool = False) -> int:
-        if e in self.slot_of:  # resident in low precision, now needed in full: reload in place
-            slot = self.slot_of[e]
-        elif len(self.slot_of) < self.capacity:
-            slot = len(self.slot_of)
-        else:
-            old = self.policy.victim(protect)
-            slot = self.slot_of.pop(old)
-            self.policy.forget(old)
+    def _slot_for(self, e: int, protect: set[int]) -> int | None:
+        """The slot ``e`` goes to: its own (a low-precision copy reloaded), a free one, or the policy's
+        victim outside ``protect`` (None: every resident expert is protected)."""
+        if e in self.slot_of:
+            return self.slot_of[e]
+        if len(self.slot_of) < self.capacity:
+            return len(self.slot_of)
+        old = self.policy.victim(protect)
+        if old is None:
+            return None
+        self.policy.forget(old)
+        return self.slot_of.pop(old)
+
+    def _load(self, e: int, protect: set[int], low: bool, prefetch: bool = False, slot: int | None = None) -> int:
+        slot = self._slot_for(e, protect) if slot is None else slot
         self.slot_of[e] = slot
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
@@ -213,16 +224,22 @@ class OffloadedExperts(nn.Module):
         return slot
 
     def _prefetch(self, guessed: list[int]) -> None:
-        """Load this layer's likely experts ahead of its forward (the previous layer calls this)."""
-        wanted = [e for e, _ in sorted(((e, -guessed.count(e)) for e in set(guessed) if e < self.num_experts),
-                                       key=lambda p: p[1])][: self.capacity]
+        """Load this layer's likely experts ahead of its forward (the previous layer calls this), most
+        often guessed first, into free slots or slots of experts the layer's last forward did not use:
+        consecutive tokens often reuse experts, and a wrong guess must not evict them."""
+        wanted = sorted({e for e in guessed if e < self.num_experts}, key=lambda e: -guessed.count(e))
+        protect = set(wanted) | self.last_used
         for e in wanted:
-            if e not in self.slot_of:
-                self._load(e, protect=set(wanted), low=bool(self.config.low_precision_bits), prefetch=True)
-                self.policy.touch(e)
-                self.stats.prefetched += 1
+            if e in self.slot_of:
+                continue
+            slot = self._slot_for(e, protect)
+            if slot is None:
+                break
+            self._load(e, protect, low=bool(self.config.low_precision_bits), prefetch=True, slot=slot)
+            self.policy.touch(e)
+            self.stats.prefetched += 1
 
-    def _wait(self, slots: list[int], start: float) -> None:
+    def _wait(self, slots: list[int]) -> None:
         """The compute stream waits for the copies into ``slots`` (GPU: without blocking the host)."""
         if not self.cuda:
             return
@@ -252,7 +269,7 @@ class OffloadedExperts(nn.Module):
         w_in = torch.empty(len(needed), *self.in_shape, device=self.device, dtype=self.dtype)
         w_out = torch.empty(len(needed), *self.out_shape, device=self.device, dtype=self.dtype)
         if self.cuda:
-            self._wait(list(self.slot_of.values()), 0.0)  # a slot copied from must be complete
+            self._wait(list(self.slot_of.values()))  # a slot copied from must be complete
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             before.record()
         start = time.perf_counter()
@@ -300,7 +317,8 @@ def offloaded(model: nn.Module) -> list[OffloadedExperts]:
 def offload_experts(model: nn.Module, config: OffloadConfig | None = None, *, device=None, dtype=None,
                     weights_dir: str | Path | None = None, stats_source=None, **settings) -> nn.Module:
     """Move every engine MoE layer's experts off the device, in place; the rest of the model goes to
-    ``device``/``dtype``. ``weights_dir``: the model's directory (needed for ``store="disk"``).
+    ``device``/``dtype``. On a model already offloaded it re-plans the caches (another size, policy or
+    precision) and keeps the stores, so nothing is read or pinned again. ``weights_dir``: the model's directory (needed for ``store="disk"``).
     ``stats_source`` (policy ``stats``): a RoutingRecorder, ``{layer: counts}``, or a path to
     pretraining's ``tokens_per_expert.json`` / the analyze stage's ``expert_load.csv`` (default:
     ``config.stats``)."""
@@ -321,19 +339,22 @@ def offload_experts(model: nn.Module, config: OffloadConfig | None = None, *, de
     priors = expert_shares(stats_source if stats_source is not None else config.stats, layers, names) if config.policy == "stats" else {}
     providers = []
     for i, layer in enumerate(layers):
-        if isinstance(layer.experts, OffloadedExperts):
-            raise InputError("this model's experts are already offloaded")
-        w_in, w_out, gated = expert_weights(layer.experts)
-        num_experts = w_in.shape[0]
-        if config.store == "disk":
-            store = SafetensorsStore(Path(weights_dir), f"{names[id(layer)]}.experts", num_experts, gated, dtype=dtype,
-                                     low_bits=config.low_precision_bits)
-            store.check_shapes(tuple(w_in.shape[1:]), tuple(w_out.shape[1:]))
+        old = layer.experts if isinstance(layer.experts, OffloadedExperts) else None
+        wanted = SafetensorsStore if config.store == "disk" else PinnedStore
+        if old is not None and isinstance(old.store, wanted):  # re-plan an offloaded model: keep its store
+            store, quantize_on = old.store, device
         else:
-            store = PinnedStore(w_in, w_out, gated, dtype=dtype, pin=device.type == "cuda", low_bits=config.low_precision_bits)
-        del w_in, w_out
-        layer.experts = nn.Module()  # drop the resident weights before the model moves to the device
-        providers.append((layer, store, num_experts))
+            w_in, w_out, gated = old.expert_weights() if old is not None else expert_weights(layer.experts)
+            quantize_on = w_in.device  # where the weights are (a GPU quantizes all experts in milliseconds)
+            if config.store == "disk":
+                store = SafetensorsStore(Path(weights_dir), f"{names[id(layer)]}.experts", w_in.shape[0], gated, dtype=dtype)
+                store.check_shapes(tuple(w_in.shape[1:]), tuple(w_out.shape[1:]))
+            else:
+                store = PinnedStore(w_in, w_out, gated, dtype=dtype, pin=device.type == "cuda")
+            del w_in, w_out
+        store.set_low_bits(config.low_precision_bits, quantize_on, precompute=isinstance(store, PinnedStore))
+        layer.experts = nn.Module()  # drop the resident weights (or the old cache) before the model moves
+        providers.append((layer, store, store.num_experts))
     model.to(device=device, dtype=dtype)
     previous = None
     for i, (layer, store, num_experts) in enumerate(providers):

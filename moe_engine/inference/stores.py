@@ -64,13 +64,21 @@ class Store:
     def expert_nbytes(self, e: int) -> int:
         return sum(t.numel() * t.element_size() for t in self.expert(e))
 
-    def low(self, e: int) -> tuple[torch.Tensor, ...]:
+    def set_low_bits(self, bits: int, device=None, precompute: bool = False) -> None:
+        """Use ``bits``-bit copies on misses; ``precompute`` quantizes every expert now, on ``device``
+        (a GPU does it in milliseconds; quantizing on the host at the first miss stalls decoding)."""
+        if bits != self.low_bits:
+            self.low_bits, self._low = bits, {}
+        if bits and precompute:
+            for e in range(self.num_experts):
+                self.low(e, device)
+
+    def low(self, e: int, device=None) -> tuple[torch.Tensor, ...]:
         """(q_in, scale_in, q_out, scale_out), computed once per expert and kept in host memory."""
         if e not in self._low:
-            w_in, w_out = self.full(e)
-            pin = self.pin
+            w_in, w_out = (t.to(device) if device is not None else t for t in self.full(e))
             copies = [*quantize(w_in, self.low_bits), *quantize(w_out, self.low_bits)]
-            self._low[e] = tuple(t.pin_memory() if pin else t for t in copies)
+            self._low[e] = tuple(t.cpu().pin_memory() if self.pin else t.cpu() for t in copies)
         return self._low[e]
 
     def full(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +91,13 @@ class PinnedStore(Store):
     """Every expert in host memory, page-locked when a GPU copies from it (so copies are asynchronous
     and run at full PCIe speed)."""
 
-    def __init__(self, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, gated: bool, *, dtype, pin: bool, low_bits: int = 0):
+    def __init__(self, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, gated: bool, *, dtype, pin: bool):
         def host(t):
             t = t.detach().to("cpu", dtype).contiguous()
             return t.pin_memory() if pin else t
 
         self.w_in_EHD, self.w_out_EDF = host(w_in_EHD), host(w_out_EDF)
-        self.num_experts, self.gated, self.pin, self.low_bits = w_in_EHD.shape[0], gated, pin, low_bits
+        self.num_experts, self.gated, self.pin, self.low_bits = w_in_EHD.shape[0], gated, pin, 0
         self._low: dict[int, tuple] = {}
 
     def expert(self, e):
@@ -100,8 +108,8 @@ class SafetensorsStore(Store):
     """Experts read from the model's safetensors files through a memory map, one expert's slices at
     a time (the RAM tier of a disk -> RAM -> device hierarchy is the OS page cache)."""
 
-    def __init__(self, model_dir: Path, module_name: str, num_experts: int, gated: bool, *, dtype, low_bits: int = 0):
-        self.num_experts, self.gated, self.dtype, self.pin, self.low_bits = num_experts, gated, dtype, False, low_bits
+    def __init__(self, model_dir: Path, module_name: str, num_experts: int, gated: bool, *, dtype):
+        self.num_experts, self.gated, self.dtype, self.pin, self.low_bits = num_experts, gated, dtype, False, 0
         self._low: dict[int, tuple] = {}
         self._handles: dict[Path, object] = {}
         self.weight_map = _weight_map(Path(model_dir))

@@ -15,11 +15,11 @@ kernels with no host synchronisation (so a whole decode step can be captured in 
     3. a weighted sum of each token's K rows in float32 (as the training path combines).
 Unlike transformers' ``batched_mm`` (which gathers a copy of every selected expert's weights per
 token), no weight is copied, and an expert chosen by several tokens is read once per block of
-``BLOCK_A`` assignments. Elsewhere (CPU, float64, no Triton) the same function is computed as a
+``BLOCK_ASSIGNMENTS`` assignments. Elsewhere (CPU, float64, no Triton) the same function is computed as a
 gathered-weight batched GEMM, which is also the reference the GPU tests compare against.
 
-The whole computation is one custom op (``moe_engine::decode_experts``), so ``torch.compile`` sees a
-single opaque node with a known output shape. It has no autograd formula; ``decode_experts`` uses the
+Under ``torch.compile`` the whole computation is one custom op (``moe_engine::decode_experts``), a
+single opaque node with a known output shape; eager calls skip the op dispatcher. It has no autograd formula; ``decode_experts`` uses the
 differentiable gathered formula whenever a gradient is needed.
 """
 
@@ -32,13 +32,21 @@ import torch
 
 from moe_engine.moe.experts import _ACTIVATIONS
 
-# The layer's "auto" mode takes this path when a forward has at most this many (token, expert)
-# assignments and no gradient is needed; benchmarks/decode.py measures the crossover (--crossover).
-DECODE_MAX_ASSIGNMENTS = 128
+# The kernels read an expert's weights once per block of this many assignments.
+BLOCK_ASSIGNMENTS = 64
 
 # activation name -> code inside the kernel (the names the engine's ``activation()`` knows)
 _ACT_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 IDENTITY = 4
+
+
+def worth_it(num_assignments: int, num_experts: int) -> bool:
+    """Whether the decode path beats the grouped path for a forward (the layer's "auto" mode). Measured
+    per layer in CUDA graphs on an H200 (benchmarks/results/decode_h200.json, "crossover"): it wins up
+    to one block of assignments (1.4-2.1x at 1-32 tokens with top-2 of 8 experts); past that an expert
+    is read once per block, which pays only while experts outnumber assignments (fine-grained MoEs:
+    128 experts, top-8, 16 tokens: 281 vs 338 us; 32 tokens: 533 vs 473 us)."""
+    return num_assignments <= BLOCK_ASSIGNMENTS or num_assignments <= num_experts
 
 
 def activation_name(act: Callable) -> str | None:
@@ -85,16 +93,26 @@ def _kernels():
         BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[a, n] = act(src[a // ROW_DIV] . w[e, n]) (* src . w[e, N + n] when gated) for every
-        assignment a with idx[a] == e, where e is this program's expert and n its block of rows."""
-        e = tl.program_id(0)
+        assignment a with idx[a] == e. Program (i, j): e = idx[i] if i is e's first assignment (else it
+        returns at once), rows n of block j. So only chosen experts get programs, each reads its block
+        of weights once per BLOCK_A assignments."""
+        first = tl.program_id(0)
+        e = tl.load(idx_ptr + first)
+        earlier = 0
+        for a0 in range(0, first, BLOCK_A):
+            offs_a = a0 + tl.arange(0, BLOCK_A)
+            ids = tl.load(idx_ptr + offs_a, mask=offs_a < first, other=-1)
+            earlier += tl.sum((ids == e).to(tl.int32), axis=0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         w_rows = w_ptr + e.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        for a0 in range(0, A, BLOCK_A):
+        start = first - first % BLOCK_A  # no earlier block holds e
+        stop = tl.where(earlier == 0, A, start)  # a later assignment of e: nothing to do
+        for a0 in range(start, stop, BLOCK_A):
             offs_a = a0 + tl.arange(0, BLOCK_A)
             ids = tl.load(idx_ptr + offs_a, mask=offs_a < A, other=-1)
             sel = ids == e
-            if tl.max(sel.to(tl.int32), axis=0) > 0:  # experts nobody chose read no weights
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
                 src_rows = src_ptr + (offs_a // ROW_DIV)[:, None].to(tl.int64) * stride_src
                 acc = tl.zeros((BLOCK_A, BLOCK_N), dtype=tl.float32)
                 acc_up = tl.zeros((BLOCK_A, BLOCK_N), dtype=tl.float32)
@@ -179,19 +197,19 @@ def fused_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated: bool, act
     if sms is None:
         sms = _num_sms(x_TD.device.index or 0) if x_TD.is_cuda else 8
     active = min(num_assign, num_experts)
-    block_a = min(64, max(16, triton.next_power_of_2(num_assign)))
+    block_a = min(BLOCK_ASSIGNMENTS, max(16, triton.next_power_of_2(num_assign)))
     ieee = x_TD.dtype == torch.float32
     common = dict(IEEE=ieee, BLOCK_A=block_a, BLOCK_K=64 if ieee else 128, num_warps=4, num_stages=3)
 
     h_AF = x_TD.new_empty(num_assign, ffn)
     block = _block_n(active, ffn, sms)
-    expert_rows[(num_experts, triton.cdiv(ffn, block))](
+    expert_rows[(num_assign, triton.cdiv(ffn, block))](
         x_TD, idx_A, w_in_EHD, h_AF, num_assign, ffn, dim, x_TD.stride(0), w_in_EHD.stride(0), w_in_EHD.stride(1),
         h_AF.stride(0), ROW_DIV=top_k, GATED=gated, ACT=_ACT_CODES[act], BLOCK_N=block, **common,
     )
     y_AD = x_TD.new_empty(num_assign, dim)
     block = _block_n(active, dim, sms)
-    expert_rows[(num_experts, triton.cdiv(dim, block))](
+    expert_rows[(num_assign, triton.cdiv(dim, block))](
         h_AF, idx_A, w_out_EDF, y_AD, num_assign, dim, ffn, h_AF.stride(0), w_out_EDF.stride(0), w_out_EDF.stride(1),
         y_AD.stride(0), ROW_DIV=1, GATED=False, ACT=IDENTITY, BLOCK_N=block, **common,
     )
@@ -210,14 +228,18 @@ def _use_kernels(x_TD: torch.Tensor, w_in_EHD: torch.Tensor) -> bool:
     )
 
 
+def _decode_experts_impl(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated: bool, act: str) -> torch.Tensor:
+    if _use_kernels(x_TD, w_in_EHD):
+        return fused_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, act)
+    return gathered_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, _ACTIVATIONS[act])
+
+
 @torch.library.custom_op("moe_engine::decode_experts", mutates_args=())
 def _decode_experts_op(
     x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor, w_in_EHD: torch.Tensor,
     w_out_EDF: torch.Tensor, gated: bool, act: str,
 ) -> torch.Tensor:
-    if _use_kernels(x_TD, w_in_EHD):
-        return fused_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, act)
-    return gathered_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, _ACTIVATIONS[act])
+    return _decode_experts_impl(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, act)
 
 
 @_decode_experts_op.register_fake
@@ -232,4 +254,6 @@ def decode_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated: bool, ac
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weight_TK, w_in_EHD, w_out_EDF))
     if needs_grad or name is None:
         return gathered_experts(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, act)
-    return _decode_experts_op(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, name)
+    if torch.compiler.is_compiling():  # one opaque node for dynamo; eager skips the op dispatcher's overhead
+        return _decode_experts_op(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, name)
+    return _decode_experts_impl(x_TD, idx_TK, weight_TK, w_in_EHD, w_out_EDF, gated, name)

@@ -13,7 +13,7 @@ routing hooks (``register_routing_hook``) that analytics attach.
 Two ways to run the experts (``experts_mode``): the grouped path (sort assignments by expert, one
 grouped GEMM; training, prefill) and the decode path (``decode.py``: only the selected experts' weights
 are read, no host syncs, a few kernels; small token counts). ``"auto"`` takes the decode path when a
-forward needs no gradient and has at most ``decode.DECODE_MAX_ASSIGNMENTS`` assignments, the way
+forward needs no gradient and has few assignments (``decode.worth_it``: measured crossover), the way
 transformers switches ``grouped_mm`` to ``batched_mm`` for decoding. Both compute the same function.
 """
 
@@ -177,7 +177,7 @@ class MoELayer(nn.Module):
             return False
         if mode == "gathered":
             return True
-        return not torch.is_grad_enabled() and routing.expert_idx_A.numel() <= decode.DECODE_MAX_ASSIGNMENTS
+        return not torch.is_grad_enabled() and decode.worth_it(routing.expert_idx_A.numel(), routing.num_experts)
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(out_TD, tokens_per_expert_E or None): run the selected experts and combine. The decode path

@@ -26,7 +26,7 @@ def test_generate_batch_sampling_and_offload(tiny_dir, tmp_path, capsys):
     params.write_text("generate:\n  max_new_tokens: 5\n  do_sample: true\n  top_k: 20\n")
     args = ["generate", "--model", str(tiny_dir), "--prompt", "the quick", "--prompt", "a mixture of experts",
             "--params", str(params), "--set", "temperature=0.7", "--seed", "3", "--offload", "0.5",
-            "--offload-store", "disk", "--json", str(tmp_path / "r.json")]
+            "--offload-store", "disk", "--prefetch", "--json", str(tmp_path / "r.json")]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.count("\n\n") == 2 and "hit rate" in captured.err

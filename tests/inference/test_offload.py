@@ -140,13 +140,36 @@ def test_offload_errors_name_what_to_do(saved, tmp_path):
         offload_experts(me.load(path), OffloadConfig(store="disk"), device="cpu")
     with pytest.raises(InputError, match="does not exist"):
         offload_experts(me.load(path), OffloadConfig(policy="stats", stats=str(tmp_path / "none.json")), device="cpu")
-    model = _offloaded(path)
-    with pytest.raises(InputError, match="already offloaded"):
-        offload_experts(model, device="cpu")
     with pytest.raises(InputError, match="do not match"):
         offload_experts(me.load(path), OffloadConfig(store="disk"), device="cpu", weights_dir=saved[("olmoe", "engine")])
     with pytest.raises(ConfigError, match="resident"):
         OffloadConfig(resident=1.5)
+
+
+def test_offloading_an_offloaded_model_replans_its_caches_and_keeps_the_stores(saved):
+    path = saved[("olmoe", "hf")]
+    ids = _ids(me.load(path), batch=1, length=3)
+    model = _offloaded(path, resident=0.25, store="disk")
+    stores = [p.store for p in offloaded(model)]
+    with torch.no_grad():
+        ref = model(ids).logits
+    for settings in (dict(resident=0.5, store="disk", policy="stats"), dict(resident=0.75, store="disk", low_precision_bits=8)):
+        offload_experts(model, OffloadConfig(**settings), device="cpu", weights_dir=path)
+        assert [p.store for p in offloaded(model)] == stores
+        assert offloaded(model)[0].capacity == round(settings["resident"] * 8)
+    offload_experts(model, OffloadConfig(resident=0.5), device="cpu")  # disk -> pinned: reads the experts once
+    assert all(type(p.store).__name__ == "PinnedStore" for p in offloaded(model))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_a_prefetch_never_evicts_the_experts_the_last_forward_used(saved):
+    layer = offloaded(_offloaded(saved[("olmoe", "engine")], resident=0.375))[1]  # 3 slots of 8, warm: 0, 1, 2
+    layer.last_used = {0, 1}
+    layer._prefetch([5, 6, 5])  # the most guessed first; only expert 2's slot may go
+    assert set(layer.slot_of) == {0, 1, 5} and layer.stats.prefetched == 1
+    layer._prefetch([7])  # the unused prefetched 5 may go, the last forward's 0 and 1 may not
+    assert set(layer.slot_of) == {0, 1, 7} and layer.stats.prefetched == 2
 
 
 def test_me_generate_with_offload_reports_decode_statistics(saved):

@@ -87,7 +87,7 @@ def test_gathered_mode_backward_matches_grouped():
 def test_auto_mode_picks_decode_only_for_small_inference_forwards():
     layer = _layer(TOKEN_CHOICE[0])
     small = layer.moe_router(torch.randn(4, 32))
-    large = layer.moe_router(torch.randn(decode.DECODE_MAX_ASSIGNMENTS, 32))  # K=2: twice the limit
+    large = layer.moe_router(torch.randn(decode.BLOCK_ASSIGNMENTS, 32))  # K=2: two blocks, only 8 experts
     with torch.no_grad():
         assert layer.uses_decode_path(small) and not layer.uses_decode_path(large)
     assert not layer.uses_decode_path(small)  # a gradient is needed: the grouped path trains
@@ -96,6 +96,11 @@ def test_auto_mode_picks_decode_only_for_small_inference_forwards():
         assert not layer.uses_decode_path(small)
     with pytest.raises(ValueError, match="experts_mode"):
         layer.experts_mode = "batched"
+
+
+def test_worth_it_follows_the_measured_crossover():
+    assert decode.worth_it(64, 8) and not decode.worth_it(128, 8)  # top-2 of 8: up to 32 tokens
+    assert decode.worth_it(128, 128) and not decode.worth_it(256, 128)  # top-8 of 128: up to 16 tokens
 
 
 @pytest.mark.parametrize("rc", [
