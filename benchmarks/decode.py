@@ -26,15 +26,18 @@ What the committed runs show (one H200, results/decode_h200.json = run 1, every 
 results/decode_h200_run2.json = run 2, current kernel, batch 1 and 8), graphs loop:
 - against transformers' best experts implementation: 1.04-1.56x at every batch (run 1), 1.31-1.55x (run 2);
 - against the dense model of the same total size, batch 1: 2.29x (8x7b layers) and 2.46x (128 experts),
-  target 2.5x. What limits it: the engine reads 27-30% of the dense bytes, but its expert kernels run at
-  ~80% of the copy bandwidth (212 us per Mixtral-8x7B layer against a 168 us floor) where cuBLAS's dense
-  GEMV runs at ~85-90%, and routing adds ~6 small kernels per layer;
+  target 2.5x. What limits it: on the 8x7b layers the engine reads 30% of the dense bytes, but its expert
+  kernels run at ~80% of the copy bandwidth (212 us per layer against a 168 us floor) where the dense step
+  runs at ~85%; the 128-expert layer reads only 75 MB and is latency-bound (52 us: ~9 kernels of a few
+  us each: routing is ~6 of them);
 - batch 8: 1.11x / 1.44x, target 1.5x. With top-2 of 8 experts, 8 tokens choose ~7 distinct experts
   (88% of the weights), so no implementation can be much faster than the dense-total model; the
   128-expert shape reads ~39% and gets 1.44x;
 - against the dense model of the same active size, batch 1: 0.90x on both (target 0.8x met);
-- default loop (eager transformers generate): every model is launch-bound; run 1 shows the engine at
-  0.66-0.97x transformers' batched_mm at batch 1 (more small kernels per layer), faster from batch 8.
+- default loop (eager transformers generate): every model is launch-bound. Run 1: the engine is
+  0.66-0.97x transformers' batched_mm at batch 1 and 0.69-1.02x at larger batches on the two shapes with
+  small experts (more small kernels per layer), 1.74-9x from batch 8 on the 8x7b layers (batched_mm
+  copies every chosen expert per token). Targets are judged on the graphs loop.
 Offload (run 2, batch 1, 8x7b layers, 55 GB/s host->device): resident 7.6x naive; exact caching
 1.28-1.40x naive, int8/int4 copies on a miss 1.73-2.21x (target 3x). What limits it: every variant is
 bound by the host link; random weights route with little locality (25% cached -> 27% hits, chance is
