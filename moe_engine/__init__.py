@@ -29,12 +29,13 @@ _EXPORTS = {
     "PretrainConfig": "moe_engine.training.config",
     "finetune": "moe_engine.finetune.run",
     "FinetuneConfig": "moe_engine.finetune.config",
+    "generate": "moe_engine.inference.generate",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-_SUBPACKAGES = {"data", "analytics", "models", "moe", "training", "benchmark"}  # finetune: the function me.finetune
+_SUBPACKAGES = {"data", "analytics", "benchmark", "inference", "models", "moe", "training"}  # finetune: the function me.finetune
 
 
 def __getattr__(name):

@@ -39,6 +39,7 @@ COMMANDS = (
     "moe_engine.analytics.cli",
     "moe_engine.gate.cli",
     "moe_engine.tracking.cli",
+    "moe_engine.inference.cli",
 )
 
 # the DVC pipeline, in dvc.yaml order (the gate last)

@@ -45,12 +45,42 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=0.02)
 
 
+# ----------------------------------------------------------------------------- the provider protocol
+# How the layer reads expert weights; dispatch and routers never see where they came from. An experts
+# module may define either or both of these methods (every other module is read by its parameters):
+#
+#   expert_weights() -> (w_in_EHD, w_out_EDF, gated)
+#       every expert, as device tensors in transformers' layout (resident weights; a quantized module
+#       may dequantize here). Used wherever all experts are needed: expert parallelism, and the layer
+#       itself when ``fetch_experts`` is not defined.
+#   fetch_experts(routing, x_TD) -> ExpertSlots
+#       only what this forward selected: the layer passes its routing (and the routed hidden states,
+#       for a provider that prefetches by applying the next layer's router to them) and receives S
+#       "slots" of weights plus each assignment's slot. An offloaded provider with a device cache
+#       (moe_engine.inference.offload) implements it; a quantized-and-offloaded one would dequantize
+#       into its slots. The layer then runs the same grouped or decode math over the S slots.
+
+
+@dataclass
+class ExpertSlots:
+    """The expert weights one forward uses: S slots (S = E for resident experts) and the slot of
+    every assignment (``S`` marks a dropped assignment, as ``E`` does in ``Routing``)."""
+
+    w_in_SHD: torch.Tensor
+    w_out_SDF: torch.Tensor
+    gated: bool
+    slot_idx_A: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.w_in_SHD.shape[0]
+
+
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(w_in_EHD, w_out_EDF, gated) for any supported experts module, sharing its parameters.
 
-    This is the one seam through which the layer reads expert weights: a module that provides them
-    another way (quantized, offloaded with a cache) defines ``expert_weights()`` returning the same
-    triple, and dispatch and routers do not change."""
+    A module that provides them another way (quantized, offloaded) defines ``expert_weights()``
+    returning the same triple (see the protocol above), and dispatch and routers do not change."""
     provider = getattr(type(experts), "expert_weights", None)
     if callable(provider):
         return experts.expert_weights()
@@ -119,6 +149,16 @@ def expert_lora(experts: nn.Module, dropout: float = 0.0) -> tuple[nn.Module, di
                 b = torch.stack([getattr(m, attr).lora_B[name].weight for m in mlps])
                 terms[which].append(LowRank(a, b, first.scaling[name], dropout))
     return module, terms
+
+
+def fetch_experts(experts: nn.Module, routing, x_TD: torch.Tensor) -> ExpertSlots:
+    """The weights of the experts ``routing`` selected: the module's own ``fetch_experts`` if it has
+    one, else all its experts (``expert_weights``) with the routing's expert ids as slots."""
+    provider = getattr(type(experts), "fetch_experts", None)
+    if callable(provider):
+        return experts.fetch_experts(routing, x_TD)
+    w_in, w_out, gated = expert_weights(experts)
+    return ExpertSlots(w_in, w_out, gated, routing.expert_idx_A)
 
 
 def _use_grouped_mm(x_AD: torch.Tensor, w: torch.Tensor) -> bool:

@@ -9,6 +9,12 @@ Auxiliary losses are attached to the output through autograd (see ``losses.Attac
 loss computed from the model output also trains router balance. Their values, and cheap routing
 statistics, are kept after each forward in ``last_aux_loss`` / ``last_stats`` and passed to the
 routing hooks (``register_routing_hook``) that analytics attach.
+
+Two ways to run the experts (``experts_mode``): the grouped path (sort assignments by expert, one
+grouped GEMM; training, prefill) and the decode path (``decode.py``: only the selected experts' weights
+are read, no host syncs, a few kernels; small token counts). ``"auto"`` takes the decode path when a
+forward needs no gradient and has few assignments (``decode.worth_it``: measured crossover), the way
+transformers switches ``grouped_mm`` to ``batched_mm`` for decoding. Both compute the same function.
 """
 
 from __future__ import annotations
@@ -21,20 +27,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from moe_engine.moe import dispatch
+from moe_engine.moe import decode, dispatch
 from moe_engine.moe.expert_parallel import ExpertParallel, ep_routed_experts
-from moe_engine.moe.experts import Experts, activation, expert_lora, expert_mlp, expert_weights
+from moe_engine.moe.experts import Experts, activation, expert_lora, expert_mlp, expert_weights, fetch_experts
 from moe_engine.moe.losses import AttachAuxLoss
 from moe_engine.moe.router import Router, RouterConfig
 from moe_engine.moe.routing import Routing, routing_stats
 
 RoutingHook = Callable[["MoELayer", Routing, torch.Tensor], None]
+EXPERTS_MODES = ("auto", "grouped", "gathered")
 
 
 def _router_logits_sink() -> list | None:
     """The list transformers collects ``router_logits`` into during this forward (a model called with
     ``output_router_logits=True``), or None. transformers records them with hooks on its own router
     classes, which a patched model no longer has, so the engine layer appends its logits itself."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get; compiled decoding records nothing
+        return None
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # older transformers: no output capturing to join
@@ -109,6 +118,7 @@ class MoELayer(nn.Module):
         self.num_experts = router.num_experts
         self.top_k = router.top_k
         self.expert_parallel: ExpertParallel | None = None  # set by training.parallel.shard_experts
+        self.experts_mode = "auto"
         self.aux_grad_scale = 1.0  # the trainer sets 1 / gradient-accumulation steps, like the LM loss
         # Set by the model adapter's hooks for one forward: the [B, S] padding mask of this layer's
         # sequence (False = padding), and whether router logits are recorded [B, S, E] (Switch) or [T, E]
@@ -135,6 +145,19 @@ class MoELayer(nn.Module):
         return self._modules.get(self.shared_expert_name)
 
     @property
+    def experts_mode(self) -> str:
+        """``"auto"`` (decode path for small inference forwards, else grouped), ``"grouped"`` (always the
+        grouped path) or ``"gathered"`` (the decode path wherever it applies: token-choice routing without
+        capacity drops and without expert parallelism; elsewhere the grouped path runs)."""
+        return self._experts_mode
+
+    @experts_mode.setter
+    def experts_mode(self, mode: str) -> None:
+        if mode not in EXPERTS_MODES:
+            raise ValueError(f"experts_mode={mode!r}; choose one of {', '.join(EXPERTS_MODES)}")
+        self._experts_mode = mode
+
+    @property
     def last_stats(self) -> dict[str, tuple[torch.Tensor, str]]:
         """Routing statistics of the last forward, computed on first access (off the hot path)."""
         return routing_stats(*self._last_routing) if self._last_routing is not None else {}
@@ -142,7 +165,10 @@ class MoELayer(nn.Module):
     @property
     def last_tokens_per_expert(self) -> torch.Tensor | None:
         """[E] assignments per expert in the last forward (this rank's tokens), without other stats."""
-        return self._last_routing[1] if self._last_routing is not None else None
+        if self._last_routing is None:
+            return None
+        routing, counts_E = self._last_routing
+        return counts_E if counts_E is not None else routing.tokens_per_expert()
 
     def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """``hook(layer, routing, tokens_per_expert_E)`` runs after every forward (analytics)."""
@@ -173,6 +199,8 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         out_TD = self._attach_aux_losses(out_TD, routing)
         self._last_routing = (routing.detached() if torch.is_grad_enabled() else routing, counts_E)
+        if self._routing_hooks and counts_E is None:  # the decode path counts nothing it does not need
+            counts_E = routing.tokens_per_expert()
         for hook in self._routing_hooks.values():
             hook(self, routing, counts_E)
         return out_TD.view(shape)
@@ -185,19 +213,44 @@ class MoELayer(nn.Module):
             return None
         return mask[:, -shape[1]:].bool().reshape(-1)  # all True weighs like no mask: no host sync to check
 
-    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out_TD, tokens_per_expert_E): dispatch, run every expert, combine."""
+    def uses_decode_path(self, routing: Routing) -> bool:
+        """Whether this forward's experts run on the decode path (see ``experts_mode``)."""
+        mode = self.experts_mode
+        if mode == "grouped" or self.expert_parallel is not None or not routing.token_major or routing.may_drop:
+            return False
+        if self.training and self.expert_dropout > 0:
+            return False
+        if mode == "gathered":
+            return True
+        return not torch.is_grad_enabled() and decode.worth_it(routing.expert_idx_A.numel(), routing.num_experts)
+
+    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out_TD, tokens_per_expert_E or None): run the selected experts and combine. The decode path
+        returns None for the counts (``last_tokens_per_expert`` computes them when asked). LoRA adapters
+        on the experts (peft) run inside the grouped path."""
         experts, lora = expert_lora(self.experts, self.lora_dropout)
-        w_in, w_out, gated = expert_weights(experts)
+        has_lora = bool(lora["in"] or lora["out"])
         if self.expert_parallel is not None:
             if lora["in"] or lora["out"]:
                 raise ValueError("LoRA on experts is not supported with expert parallelism (ep_size > 1)")
             if not routing.token_major:
                 raise ValueError("expert-choice routing is not supported with expert parallelism (ep_size > 1)")
+            if callable(getattr(type(experts), "fetch_experts", None)):
+                raise ValueError("offloaded experts (fetch_experts) are not supported with expert parallelism")
+            w_in, w_out, gated = expert_weights(experts)
             return ep_routed_experts(
                 self.expert_parallel, x_TD, routing, w_in, w_out, gated, self.act, self.expert_dropout, self.training
             )
-        plan = dispatch.plan(routing.expert_idx_A, self.num_experts, may_drop=routing.may_drop)
+        slots = fetch_experts(experts, routing, x_TD)
+        w_in, w_out, gated, slot_A = slots.w_in_SHD, slots.w_out_SDF, slots.gated, slots.slot_idx_A
+        resident = slots.num_slots == self.num_experts and slot_A is routing.expert_idx_A
+        if not has_lora and self.uses_decode_path(routing):
+            top_k = routing.top_k
+            out_TD = decode.decode_experts(
+                x_TD, slot_A.view(-1, top_k), routing.weight_A.view(-1, top_k), w_in, w_out, gated, self.act
+            )
+            return out_TD, None
+        plan = dispatch.plan(slot_A, slots.num_slots, may_drop=routing.may_drop)
         if routing.token_major:
             x_AD = dispatch.permute(x_TD, plan, routing.top_k)
             y_AD = expert_mlp(x_AD, plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training, lora)
@@ -208,7 +261,7 @@ class MoELayer(nn.Module):
                               self.training, lora)
             y_AD = y_AD * routing.weight_A.index_select(0, plan.order_A)[:, None]
             out_TD = torch.zeros_like(x_TD).index_add(0, token_A, y_AD.to(x_TD.dtype))
-        return out_TD, plan.counts_E
+        return out_TD, (plan.counts_E if resident else None)
 
     def _attach_aux_losses(self, out_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         if not routing.aux_losses:
