@@ -72,12 +72,10 @@ mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlflow/mlflow.db (f
 	$(SERVICES) ui
 
 deploy: setup  ## create the deployments of prefect.yaml (nightly, on-demand, gate) on the running Prefect server
-	PREFECT_HOME="$(abspath mlflow/store/prefect)" PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
-		$(BIN)/prefect --no-prompt deploy --all
+	eval "$$($(SERVICES) env)" && $(BIN)/prefect --no-prompt deploy --all
 
 # Uses the running services when they are up; otherwise a temporary Prefect server and mlflow/mlflow.db.
 pipeline-flow: setup  ## run the pipeline flow once, in this shell; e.g. ARGS="--steps 50 --set pretrain.lr=1e-3"
-	@if curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; then \
-		export PREFECT_HOME="$(abspath mlflow/store/prefect)" PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; fi; \
+	@if curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; then eval "$$($(SERVICES) env)"; fi; \
 	if curl -sf http://127.0.0.1:$(MLFLOW_PORT)/health >/dev/null; then export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT); fi; \
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python flows/pipeline.py $(ARGS)

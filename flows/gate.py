@@ -44,6 +44,11 @@ def benchmark_gate(model_name: str = "moe-lab", promote: bool = True, tracking_u
     status = "FAILED"
     try:
         result = stages.gate(root, tracking)
+        if result.passed is None:  # other settings than the baseline's: reported, nothing promoted
+            print(f"gate: no verdict (the run's settings differ from the baseline's); {model_name}@champion unchanged; "
+                  f"see {Path(root) / stages.GATE_REPORT[0]}")
+            status = "FINISHED"
+            return {"passed": None, "champion": None, "gate_run_id": result.run_id}
         if not result.passed:
             raise GateFailed(f"benchmark gate failed: see {Path(root) / stages.GATE_REPORT[0]}; "
                              f"{model_name}@champion unchanged")

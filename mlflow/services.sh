@@ -4,9 +4,14 @@
 #   prefect  Prefect server (its database in mlflow/store/prefect) + a worker of the process pool
 #            moe-lab-local, which runs the deployments of prefect.yaml from this folder
 # Each runs in its own process group; pid and log in mlflow/store/<name>.{pid,log}.
+# Locked down by default: everything on 127.0.0.1; Prefect's API answers cross-origin requests only
+# from its own UI (PREFECT_SERVER_CORS_ALLOWED_ORIGINS) and requires its basic-auth string
+# (PREFECT_SERVER_API_AUTH_STRING), a random credential made once in mlflow/store/prefect-api-auth
+# (mode 600, git-ignored); clients and the worker get it as PREFECT_API_AUTH_STRING.
 #
 #   mlflow/services.sh up|down|status [mlflow|prefect]   (both when omitted; make services-up/-down)
 #   mlflow/services.sh ui                                 MLflow UI in the foreground (make mlflow-ui)
+#   eval "$(mlflow/services.sh env)"                      this shell talks to the local Prefect server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,6 +22,13 @@ PREFECT_PORT=${PREFECT_PORT:-4200}
 POOL=${POOL:-moe-lab-local}
 export PATH=$BIN:$PATH MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME=$STORE/prefect PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
+AUTH_FILE=$STORE/prefect-api-auth
+if [[ ! -s $AUTH_FILE ]]; then  # one random credential per checkout, readable by its owner only
+  mkdir -p "$STORE"
+  (umask 077; "${BIN}/python" -c 'import secrets; print("moe-lab:" + secrets.token_urlsafe(24))' >"$AUTH_FILE")
+fi
+export PREFECT_SERVER_API_AUTH_STRING=$(cat "$AUTH_FILE") PREFECT_API_AUTH_STRING=$(cat "$AUTH_FILE")
+export PREFECT_SERVER_CORS_ALLOWED_ORIGINS=http://127.0.0.1:$PREFECT_PORT PREFECT_SERVER_API_HOST=127.0.0.1
 MLFLOW_ARGS=(--backend-store-uri "sqlite:///$ROOT/mlflow/mlflow.db" --default-artifact-root "$ROOT/mlflow/artifacts"
              --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2)
 
@@ -58,7 +70,7 @@ prefect_up() {
   # one flow run at a time: every deployment works in this one DVC workspace, which DVC locks anyway
   "$BIN/prefect" work-pool set-concurrency-limit "$POOL" 1 >/dev/null
   # flows log to the MLflow server when it is up, else straight into the sqlite store
-  local uri="sqlite:///$ROOT/mlflow/mlflow.db"
+  local uri=${MLFLOW_TRACKING_URI:-sqlite:///$ROOT/mlflow/mlflow.db}
   curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null && uri="http://127.0.0.1:$MLFLOW_PORT"
   MLFLOW_TRACKING_URI=$uri start prefect-worker "$BIN/prefect" worker start --pool "$POOL" --type process
   echo "prefect: UI http://127.0.0.1:$PREFECT_PORT; flows log to $uri; deploy with: make deploy"
@@ -71,8 +83,10 @@ case ${1:-} in
           [[ $what == prefect ]] || stop mlflow-server ;;
   status) for n in mlflow-server prefect-server prefect-worker; do
             running "$n" && echo "$n: running (pid $(cat "$STORE/$n.pid"))" || echo "$n: stopped"; done ;;
+  env)    printf 'export PREFECT_HOME=%q PREFECT_API_URL=%q PREFECT_API_AUTH_STRING=%q\n' \
+            "$PREFECT_HOME" "$PREFECT_API_URL" "$PREFECT_API_AUTH_STRING" ;;
   ui)     if curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null; then
             echo "MLflow is already served at http://127.0.0.1:$MLFLOW_PORT"; exit 0; fi
           exec "$BIN/mlflow" ui "${MLFLOW_ARGS[@]}" ;;
-  *)      sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; [[ ${1:-} == -h || ${1:-} == --help ]] || exit 2 ;;
+  *)      sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; [[ ${1:-} == -h || ${1:-} == --help ]] || exit 2 ;;
 esac

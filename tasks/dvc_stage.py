@@ -1,9 +1,13 @@
-"""Run one DVC stage through DVC's Python API, record its lineage, and summarise it for Prefect.
+"""Run one DVC stage, stream its output into the Prefect logs, record its lineage, summarise it.
 
-``Repo.reproduce(stage, single_item=True)`` is ``dvc repro --single-item <stage>``: DVC runs the
-stage's command only when its deps, params or outs changed since dvc.lock (or restores it from its
-run cache), and returns the stages it reproduced, so an empty list means "skipped, unchanged". The
-flow calls the stage tasks in pipeline order, which is what ``dvc repro`` itself would do.
+``dvc repro --single-item <stage>`` runs the stage's command only when its deps, params or outs changed
+since dvc.lock (or restores it from DVC's run cache); an unchanged stage is skipped. It runs as a
+child process whose output is forwarded line by line to the Prefect run logger, so the training
+progress (one line every ``log_every`` steps without a terminal) is visible in the Prefect UI.
+
+Failures: a stage that rejected its inputs (exit code 2, the moe-lab convention), diverged, or hit
+a bug (exit 1) fails the same way again, so only what may be transient is retried: another DVC
+process holding the repository lock, or the stage killed by a signal (a node going away).
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import contextmanager
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SIGNALLED = {-9, -15, 137, 143}  # killed / terminated: worth another try
+
 
 class StageFailed(RuntimeError):
-    """The stage failed (crash, kill, repo lock held, tracking store down): worth a retry."""
+    """The stage failed. ``transient`` says whether a retry may help."""
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, transient: bool = False):
         super().__init__(message)
         self.exit_code = exit_code  # the stage command's exit code, when it ran and failed
+        self.transient = transient
 
 
 class StageInputError(StageFailed):
@@ -50,50 +58,69 @@ class StageResult:
     metrics: dict[str, dict] = field(default_factory=dict)  # metrics file -> its content
     run_id: str | None = None  # the MLflow run that holds this stage's outputs
     exit_code: int | None = None  # the command's exit code when it failed
-    passed: bool | None = None  # the gate stage only: did every check pass
+    passed: bool | None = None  # the gate stage only: did every check pass (None: no comparable baseline)
 
 
 def transient(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry unless the stage rejected its inputs."""
-    return not isinstance(state.result(raise_on_failure=False), StageInputError)
+    """Prefect ``retry_condition_fn``: retry only what may pass the next time."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, StageFailed) and exc.transient
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # not inside a Prefect run: plain output
+        return None
+
+
+def _declared(root: Path, stage: str) -> tuple[list[str], list[str]]:
+    """(outs, metrics files) of the stage as dvc.yaml declares them."""
+    import yaml
+
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage)
+    if spec is None:
+        raise StageFailed(f"dvc.yaml in {root} has no stage {stage!r}")
+    names = lambda items: [i if isinstance(i, str) else next(iter(i)) for i in items or []]  # noqa: E731
+    return names(spec.get("outs")) + names(spec.get("metrics")), names(spec.get("metrics"))
 
 
 def reproduce(root: Path, stage: str, env: dict[str, str] | None = None) -> tuple[bool, list[str], list[str]]:
-    """Reproduce one stage; returns (ran, outs, metrics files) as dvc.yaml declares them.
-
-    ``env`` reaches the stage command through DVC's ``run_env`` (e.g. the lineage contract); DVC
-    adds ``DVC_STAGE`` and ``DVC_ROOT`` itself.
-    """
-    from dvc.exceptions import ReproductionError
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-
-    # DVC resolves stage names, and names them to the command ($DVC_STAGE), relative to the cwd: work
-    # from the root like the dvc CLI does (the flow runs one stage at a time; DVC locks the repo anyway)
-    with _cwd(root), Repo(str(root)) as repo:
-        (spec,) = repo.stage.collect(stage)
-        outs = [o.def_path for o in spec.outs]
-        metrics = [o.def_path for o in spec.outs if o.metric]
-        try:
-            done = repo.reproduce(stage, single_item=True, run_env=env or {})
-        except LockError as exc:
-            raise StageFailed(f"stage {stage}: {exc} (another dvc process holds the repo)") from exc
-        except ReproductionError as exc:
-            code = re.search(r"exited with (-?\d+)", str(exc.__cause__ or ""))
-            code = int(code.group(1)) if code else None
-            error = StageInputError if code == 2 else StageFailed
-            raise error(f"stage {stage} failed: {exc.__cause__ or exc}", code) from exc
-    return any(s.path == spec.path and s.name == spec.name for s in done), outs, metrics
-
-
-@contextmanager
-def _cwd(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
+    """Reproduce one stage; returns (ran, outs, metrics files). Output goes to the Prefect log."""
+    root = Path(root)
+    outs, metrics = _declared(root, stage)
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc) if dvc.exists() else "dvc", "repro", "--single-item", stage]
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    logger = _logger()
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=root, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    for raw in proc.stdout:
+        for line in raw.replace("\r", "\n").splitlines():  # a progress bar without a terminal becomes lines
+            if not line.strip():
+                continue
+            lines.append(line)
+            if logger is not None:
+                logger.info("%s | %s", stage, line)
+            else:
+                print(f"{stage} | {line}", flush=True)
+    code = proc.wait()
+    text = "\n".join(lines)
+    if code != 0:
+        tail = "\n".join(lines[-25:])
+        if "Unable to acquire lock" in text or "is locked" in text:
+            raise StageFailed(f"stage {stage}: another DVC process holds the repository lock\n{tail}", None, transient=True)
+        found = re.findall(r"exited with (-?\d+)", text)
+        exit_code = int(found[-1]) if found else None
+        if exit_code == 2:
+            raise StageInputError(f"stage {stage} rejected its inputs (exit code 2):\n{tail}", exit_code)
+        raise StageFailed(f"stage {stage} failed (exit code {exit_code}):\n{tail}", exit_code,
+                          transient=exit_code in SIGNALLED)
+    ran = f"Running stage '{stage}'" in text
+    return ran, outs, metrics
 
 
 def read_metrics(root: Path, files: list[str]) -> dict[str, dict]:
@@ -116,7 +143,7 @@ def record_lineage(root: Path, result: StageResult, tracking: Tracking | None, a
                                  parent_run_id=tracking.parent_run_id, flow_run_id=tracking.flow_run_id,
                                  status="ran" if result.ran else "adopted")
         if made is None:
-            raise StageFailed(f"stage {result.stage}: could not log its MLflow run at {tracking.uri}")
+            raise StageFailed(f"stage {result.stage}: could not log its MLflow run at {tracking.uri}", transient=True)
         run_id = lineage.tag_from_dvc_lock(made, result.stage, lock, tracking.uri)
     return run_id
 
@@ -148,7 +175,8 @@ def publish(result: StageResult, tracking: Tracking | None = None, note: str = "
     lines += [f"| `{path}` | `{md5 or '-'}` |" for path, md5 in result.outs.items()]
     for name, values in result.metrics.items():
         lines += ["", f"**{name}**", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flatten(values).items()]
+        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flatten(values).items()
+                  if not isinstance(v, (list, dict))]
     if tracking is not None:
         lines += ["", f"MLflow: stage run `{result.run_id}` under pipeline run `{tracking.parent_run_id}` ({tracking.uri})"]
     create_markdown_artifact("\n".join(lines), key=f"stage-{result.stage.replace('_', '-')}",

@@ -1,34 +1,74 @@
-"""Parameter overrides the way ``dvc exp run -S key=value`` applies them, and saving the run as a DVC
-experiment. ``dvc exp run -S`` = write the overrides into params.yaml (DVC's own Hydra-grammar
-parser, below), ``dvc repro``, then record the workspace as an experiment; the pipeline flow does
-the same three steps with one Prefect task per stage in the middle. As with ``dvc exp run``, the
-workspace keeps the overridden params afterwards (``dvc exp show`` lists the experiment;
-``git checkout params.yaml`` or ``dvc exp apply`` moves back)."""
+"""Flow parameters -> params overrides, checked before anything runs, applied to a run's own
+workspace (never to the tracked params.yaml of the project).
+
+An override is ``section.key=value`` (``dvc exp run -S`` syntax, DVC's own parser applies it): the key
+must already exist in params.yaml (no new keys, no other files, no paths), and the result must pass
+the stage's typed config (``moe_engine.stages``), so a typo or a bad value fails the flow run at once
+with the valid keys named, before any stage starts.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+_ITEM = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
+
+
+def check_overrides(root: str | Path, overrides: list[str]) -> dict[str, str]:
+    """{key: value} of valid overrides; raises ValueError naming the bad item and what is allowed."""
+    from moe_engine.config import read_params
+
+    params = read_params(Path(root) / "params.yaml")
+    checked: dict[str, str] = {}
+    for item in overrides:
+        if not isinstance(item, str) or not _ITEM.match(item):
+            raise ValueError(f"override {item!r}: expected SECTION.KEY=VALUE for a key of params.yaml (e.g. pretrain.lr=1e-3); "
+                             "file selectors, '+'/'~' prefixes and paths are not accepted")
+        key, value = item.split("=", 1)
+        node, path = params, []
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(path) or "params.yaml"
+                have = ", ".join(map(str, node)) if isinstance(node, dict) else "no keys"
+                raise ValueError(f"override {item!r}: {key} is not in params.yaml ({where} has {have})")
+            node, path = node[part], [*path, part]
+        if isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {key} is a section; set one of its keys ({', '.join(map(str, node))})")
+        checked[key] = value
+    return checked
+
+
+def validate_sections(root: str | Path) -> None:
+    """Every params.yaml section through its stage's typed config (ConfigError -> ValueError with the key)."""
+    from moe_engine.config import load_section
+    from moe_engine.stages import PIPELINE, sections
+
+    for stage in PIPELINE:
+        cls = stage.config_class()
+        if cls is not None:
+            load_section(cls, Path(root) / "params.yaml", stage.section, known_sections=sections())
+
 
 @task(name="apply-params", cache_policy=NO_CACHE)
-def apply_params(root: str, overrides: list[str]) -> dict[str, list[str]]:
-    """Write ``[file:]key=value`` overrides into the params files (default params.yaml), as ``-S`` does.
-    An unknown key is an error, as in DVC (prefix it with ``+`` to add a new one)."""
-    from dvc.utils.cli_parse import to_path_overrides
+def apply_params(root: str, overrides: list[str]) -> dict[str, str]:
+    """Check the overrides, write them into ``root``'s params.yaml (a run workspace) as ``dvc exp run -S``
+    does (comments kept), and check every section's settings. Returns {key: value}."""
     from dvc.utils.hydra import apply_overrides
 
-    by_file = to_path_overrides(overrides)
-    for path, items in by_file.items():
-        apply_overrides(Path(root) / path, items)
-    return by_file
+    checked = check_overrides(root, overrides)
+    if checked:
+        apply_overrides(Path(root) / "params.yaml", [f"{k}={v}" for k, v in checked.items()])
+    validate_sections(root)
+    return checked
 
 
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment(root: str, name: str | None = None) -> str:
-    """``dvc exp save``: record the workspace (params, dvc.lock, outputs in the DVC cache) as an experiment."""
+    """``dvc exp save``: record the run workspace (params, dvc.lock, outputs in the DVC cache) as an experiment."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 

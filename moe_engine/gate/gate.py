@@ -13,6 +13,11 @@ bad direction, relative (``tolerance``) or absolute (``tolerance_abs``; the larg
     ]}
 
 ``evaluate(...)`` returns rows and whether all passed; ``markdown(rows)`` is the diff table.
+
+A baseline may record the settings it was measured with (``"params": {section: {key: value}}``, a
+subset of params.yaml): a run made with other settings is not comparable (a 50-step experiment is not
+a regression of the 300-step demo), so ``comparable(...)`` names what differs and the gate gives no
+verdict instead of a false alarm.
 """
 
 from __future__ import annotations
@@ -109,3 +114,25 @@ def load_sources(items: list[str]) -> dict[str, dict]:
         except json.JSONDecodeError as exc:
             raise GateError(f"{p} is not valid JSON: {exc}") from None
     return sources
+
+
+def comparable(baseline: dict, params: dict) -> list[str]:
+    """The dotted settings whose values differ between the baseline's recorded params and ``params``
+    (empty: comparable, or the baseline records none)."""
+    recorded = baseline.get("params") or {}
+    if not isinstance(recorded, dict):
+        raise GateError("the baseline's 'params' must map params.yaml sections to their settings")
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    want = flat(recorded)
+    sections = {key.split(".")[0] for key in want}
+    have = flat({s: params.get(s, {}) for s in sections})
+    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))

@@ -191,7 +191,7 @@ def stage_run(stage: str, params: dict, metrics: dict, artifacts: list[Path], *,
                 client.log_artifacts(run_id, str(path), path.name)
             elif path.exists():
                 client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id)
+        client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
         return run_id
     except Exception as exc:  # tracking must never fail a finished stage
         print(f"warning: MLflow stage run for {stage!r} not logged: {exc}", file=sys.stderr)

@@ -232,7 +232,14 @@ def artifact_store_for(tracking_uri: str) -> str | None:
 def experiment_id(client, name: str, tracking_uri: str) -> str:
     """The id of experiment ``name``, created (with :func:`artifact_store_for`) when missing."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_store_for(tracking_uri))
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_store_for(tracking_uri))
+    except Exception as exc:  # another run created it between the lookup and now (runs started at once)
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _dataset_input(dataset, context, InputTag):

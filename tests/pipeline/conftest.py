@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from pipeline_tools import BIN, PASSING_GATE, REPO, TINY, free_port, merge, run, stop, wait_healthy
+from pipeline_tools import BIN, PASSING_GATE, REPO, TINY, free_port, merge, run
 
 
 @pytest.fixture(scope="module")
@@ -47,41 +47,38 @@ def workspace(tmp_path_factory) -> dict:
     return {"repo": repo, "env": env, "base": base, "mlflow_uri": env["MLFLOW_TRACKING_URI"]}
 
 
+def services_env(workspace: dict, port: int) -> dict:
+    """The environment `mlflow/services.sh env` gives a shell: the server's API URL, home and auth string."""
+    env = {**workspace["env"], "BIN": str(BIN), "PREFECT_PORT": str(port), "MLFLOW_PORT": str(free_port())}
+    out = run(["bash", "-c", 'eval "$(mlflow/services.sh env)" && env'], workspace["repo"], env).stdout
+    wanted = ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING")
+    env.update({k: v for k, v in (line.split("=", 1) for line in out.splitlines() if "=" in line) if k in wanted})
+    return env
+
+
 @pytest.fixture(scope="module")
 def prefect_server(workspace) -> str:
-    port, log = free_port(), workspace["base"] / "prefect-server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=workspace["base"], env=workspace["env"], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    """The Prefect server, work pool and worker exactly as `make services-up` starts them (mlflow/services.sh:
+    127.0.0.1, CORS limited to its UI, the API behind a basic-auth string), in the repository copy."""
+    port = free_port()
+    env = services_env(workspace, port)
+    run(["mlflow/services.sh", "up", "prefect"], workspace["repo"], env, timeout=240)
+    workspace["env"] = env
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/api/health", proc, log)
-        workspace["env"]["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        yield workspace["env"]["PREFECT_API_URL"]
+        yield env["PREFECT_API_URL"]
     finally:
-        stop(proc)
+        deadline = time.time() + 60  # a flow run left by a failed test runs in its own session: cancel it first
+        while (active := active_flow_runs(workspace["repo"], env)) and time.time() < deadline:
+            for flow_run_id in active:
+                run([str(BIN / "prefect"), "flow-run", "cancel", flow_run_id], workspace["repo"], env, check=False)
+            time.sleep(3)
+        run(["mlflow/services.sh", "down", "prefect"], workspace["repo"], env, check=False, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def deployments(workspace, prefect_server) -> list[str]:
-    """The work pool, the deployments of the copy's prefect.yaml, and a worker running them."""
-    repo, env, prefect = workspace["repo"], workspace["env"], str(BIN / "prefect")
-    run([prefect, "work-pool", "create", "moe-lab-local", "--type", "process"], repo, env)
-    run([prefect, "work-pool", "set-concurrency-limit", "moe-lab-local", "1"], repo, env)  # as mlflow/services.sh
-    out = run([prefect, "--no-prompt", "deploy", "--all"], repo, env).stdout
-    log = workspace["base"] / "prefect-worker.log"
-    with open(log, "w") as stream:
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "moe-lab-local", "--type", "process"], cwd=repo,
-                                  env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield out
-    finally:  # a flow run left by a failed test runs in its own session: cancel it while the worker can
-        deadline = time.time() + 60
-        while (active := active_flow_runs(repo, env)) and time.time() < deadline:
-            for flow_run_id in active:
-                run([prefect, "flow-run", "cancel", flow_run_id], repo, env, check=False)
-            time.sleep(3)
-        stop(worker)
+def deployments(workspace, prefect_server) -> str:
+    """The deployments of the copy's prefect.yaml on the running server (`make deploy`)."""
+    return run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], workspace["repo"], workspace["env"]).stdout
 
 
 def active_flow_runs(repo, env) -> list[str]:

@@ -11,7 +11,7 @@ from prefect.states import Failed
 
 from flows.pipeline import as_overrides
 from tasks.dvc_stage import StageFailed, StageInputError, reproduce, transient
-from tasks.params import apply_params
+from tasks.params import apply_params, check_overrides
 
 DVC_YAML = """\
 stages:
@@ -23,6 +23,8 @@ stages:
     cmd: exit 2
   crash:
     cmd: exit 3
+  killed:
+    cmd: kill -TERM $$
 """
 
 
@@ -40,7 +42,9 @@ def test_reproduce_reports_ran_then_skipped(dvc_repo):
     ran, outs, metrics = reproduce(dvc_repo, "make")
     assert ran and outs == ["out.txt"] and metrics == [] and (dvc_repo / "out.txt").read_text() == "n: 1\n"
     assert reproduce(dvc_repo, "make")[0] is False  # unchanged: DVC skips it
-    apply_params.fn(str(dvc_repo), ["make.n=7"])
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(dvc_repo / "params.yaml", ["make.n=7"])
     assert reproduce(dvc_repo, "make")[0] and (dvc_repo / "out.txt").read_text() == "n: 7\n"
 
 
@@ -49,17 +53,35 @@ def test_stage_failures_are_classified_for_retries(dvc_repo):
         reproduce(dvc_repo, "bad_input")
     with pytest.raises(StageFailed) as crash:
         reproduce(dvc_repo, "crash")
+    with pytest.raises(StageFailed) as killed:
+        reproduce(dvc_repo, "killed")
     assert bad.value.exit_code == 2 and crash.value.exit_code == 3 and not isinstance(crash.value, StageInputError)
     assert not transient(None, None, Failed(data=bad.value))  # exit 2: the inputs are wrong, a retry cannot help
-    assert transient(None, None, Failed(data=crash.value))
+    assert not transient(None, None, Failed(data=crash.value))  # a bug fails the same way again
+    assert transient(None, None, Failed(data=killed.value))  # a stage killed by a signal may pass next time
 
 
-def test_overrides_are_written_like_dvc_exp_run_set_param(dvc_repo):
-    apply_params.fn(str(dvc_repo), ["make.n=5"])
-    text = (dvc_repo / "params.yaml").read_text()
-    assert yaml.safe_load(text) == {"make": {"n": 5}} and "# the answer" in text  # comments survive
-    with pytest.raises(Exception, match="set-param"):
-        apply_params.fn(str(dvc_repo), ["make.typo=1"])  # unknown keys are refused, as by `dvc exp run -S`
+@pytest.mark.parametrize("item, message", [
+    ("make.typo=1", "make.typo is not in params.yaml (make has n)"),
+    ("+make.new=1", "file selectors, '+'/'~' prefixes and paths are not accepted"),
+    ("../../etc/passwd:make.n=1", "file selectors"),
+    ("/tmp/x.yaml:make.n=1", "file selectors"),
+    ("make=1", "expected SECTION.KEY=VALUE"),
+])
+def test_overrides_are_checked_keys_of_params_yaml_only(dvc_repo, item, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)").replace("+", "\\+")):
+        check_overrides(dvc_repo, [item])
+
+
+def test_overrides_are_written_like_dvc_exp_run_set_param(tmp_path):
+    import shutil
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_params.fn(str(tmp_path), ["pretrain.steps=5"])
+    text = (tmp_path / "params.yaml").read_text()
+    assert yaml.safe_load(text)["pretrain"]["steps"] == 5 and "# moe_engine.training.config.PretrainConfig" in text
+    with pytest.raises(Exception, match="pretrain.steps = 0: must be > 0"):  # the typed config checks the value
+        apply_params.fn(str(tmp_path), ["pretrain.steps=0"])
 
 
 def test_flow_knobs_map_to_params_keys():

@@ -1,32 +1,42 @@
-"""The orchestration end to end on the debug-size pipeline, in one temporary copy of the repository.
-The tests run in order, each on the state the previous one left (one pipeline, one history):
+"""The orchestration end to end on the debug-size pipeline, in one temporary copy of the repository,
+against a Prefect server started as `make services-up` starts it. The tests run in order, each on the
+state the previous one left (one pipeline, one history):
 
-1. the on-demand deployment (real Prefect server + process worker) runs every DVC stage, logs one
-   MLflow run per stage under a pipeline run, registers the model (@candidate) and gates it (@champion);
-2. a second ``dvc repro`` skips every stage;
-3. changing a pretrain param makes ``dvc repro`` rerun pretrain, evaluate, analyze and gate only;
-4. a flow run with an override (as ``dvc exp run -S``) reruns only what it touches, and each skipped
-   stage points at the run that made its outputs (reused) or gets one that records them (adopted);
-5. the gate deployment promotes the new candidate; a regression fails it and keeps the champion;
+1. the server is locked down: no API call without its auth string, no cross-origin answer but its UI's;
+2. the on-demand deployment, as the README runs it, runs every DVC stage (logs in the Prefect UI),
+   logs one MLflow run per stage under a pipeline run, registers the models (@candidate) and gates them;
+3. a second ``dvc repro`` skips every stage; changing a pretrain param reruns exactly its downstream;
+4. runs with overrides (the README's ``-p steps=...``) run in their own workspaces: the tracked
+   params.yaml and the project's outputs are untouched, two at once do not collide, unchanged stages
+   are restored from DVC's run cache and point at the runs that made them, a short run gets no false
+   gate verdict;
+5. the gate deployment promotes the candidate; a regression fails it and keeps the champion;
 6. ``moe-lab lineage`` walks from the champion back to the raw data files.
 """
 
 import json
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
 from pipeline_tools import BIN, run
 
+from moe_engine.stages import PIPELINE
+
 pytestmark = pytest.mark.slow
 
-STAGES = ["data", "pretrain", "pretrain_dense", "evaluate", "analyze", "gate"]
+STAGES = [s.name for s in PIPELINE]
 
 
-def deployment_run(ws: dict, name: str, *params: str, check: bool = True):
-    cmd = [str(BIN / "prefect"), "deployment", "run", name, "--watch", "--watch-interval", "2", "--watch-timeout", "420"]
+def deployment_run(ws: dict, name: str, *params: str, check: bool = True, watch: bool = True):
+    cmd = [str(BIN / "prefect"), "deployment", "run", name]
+    if watch:
+        cmd += ["--watch", "--watch-interval", "2", "--watch-timeout", "540"]
     for p in params:
         cmd += ["-p", p]
-    return run(cmd, ws["repo"], ws["env"], timeout=450, check=check)
+    return run(cmd, ws["repo"], ws["env"], timeout=600, check=check)
 
 
 def client(ws):
@@ -47,25 +57,42 @@ def index(parent) -> dict[str, tuple[str, str]]:
     return {s: (tags[f"moe_lab.stage.{s}.run_id"], tags[f"moe_lab.stage.{s}.status"]) for s in tags["moe_lab.stages"].split(",")}
 
 
-def lock(ws) -> dict:
-    return yaml.safe_load((ws["repo"] / "dvc.lock").read_text())["stages"]
+def lock(root) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
 
 
-def outs(ws, stage: str) -> dict[str, str]:
-    return {o["path"]: o["md5"] for o in lock(ws)[stage]["outs"]}
+def outs(root, stage: str) -> dict[str, str]:
+    return {o["path"]: o["md5"] for o in lock(root)[stage]["outs"]}
+
+
+def test_the_prefect_server_needs_its_auth_string_and_answers_only_its_ui_origin(workspace, prefect_server):
+    url = prefect_server.rstrip("/")
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"{url}/flows/filter", data=b"{}", timeout=10)
+    assert denied.value.code == 401
+    import base64
+
+    token = base64.b64encode(workspace["env"]["PREFECT_API_AUTH_STRING"].encode()).decode()
+    ui = url.removesuffix("/api")
+    for origin, allowed in (("http://evil.example", False), (ui, True)):
+        request = urllib.request.Request(f"{url}/health", headers={"Origin": origin, "Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert (response.headers.get("access-control-allow-origin") == origin) is allowed, origin
+    assert ui.startswith("http://127.0.0.1:")
 
 
 def test_pipeline_deployment_runs_every_stage_with_lineage(workspace, deployments):
     ws = workspace
     assert "moe-lab-pipeline/nightly" in deployments and "moe-lab-pipeline/on-demand" in deployments
     assert "moe-lab-gate/gate" in deployments
-    deployment_run(ws, "moe-lab-pipeline/on-demand")
+    watched = deployment_run(ws, "moe-lab-pipeline/on-demand")
 
     repo = ws["repo"]
     for path in ("outputs/data/manifest.json", "outputs/pretrain/model/config.json", "outputs/pretrain_dense/model",
-                 "outputs/evaluate/metrics.json", "outputs/analyze/report.html", "outputs/gate/report.md"):
+                 "outputs/finetune/adapter", "outputs/evaluate/metrics.json", "outputs/benchmark/compare.md",
+                 "outputs/analyze/report.html", "outputs/gate/report.md"):
         assert (repo / path).exists(), path
-    assert set(lock(ws)) == set(STAGES)
+    assert set(lock(repo)) == set(STAGES)
 
     (parent,) = pipeline_runs(ws)
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
@@ -76,53 +103,76 @@ def test_pipeline_deployment_runs_every_stage_with_lineage(workspace, deployment
         run_ = c.get_run(run_id)
         assert run_.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run_.data.tags["moe_lab.stage"] == stage
-        for out in lock(ws)[stage]["outs"]:
+        for out in lock(repo)[stage]["outs"]:
             assert run_.data.tags[f"dvc.out.{out['path']}"] == out["md5"]
-        for dep in lock(ws)[stage]["deps"]:
-            assert run_.data.tags[f"dvc.dep.{dep['path']}"] == dep["md5"]
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["moe_lab.stage"] for r in children) == sorted(STAGES)  # no duplicates
 
     version = c.get_model_version_by_alias("moe-lab", "candidate")
     assert version.run_id == stages["pretrain"][0] and c.get_model_version_by_alias("moe-lab", "champion").version == version.version
+    assert c.get_model_version_by_alias("moe-lab-finetuned", "candidate").run_id == stages["finetune"][0]
     listed = json.loads(run([str(BIN / "prefect"), "artifact", "ls", "-o", "json"], repo, ws["env"]).stdout)
-    assert {"stage-data", "stage-pretrain-dense", "stage-gate", "model-candidate", "model-champion"} <= {a["key"] for a in listed}
+    assert {"stage-data", "stage-pretrain-dense", "stage-gate", "model-candidate-pretrain", "model-champion"} <= {a["key"] for a in listed}
+    # the stages' own output reached the Prefect logs: plain progress lines, no carriage returns
+    flow_run = json.loads(run([str(BIN / "prefect"), "flow-run", "ls", "-o", "json"], repo, ws["env"]).stdout)[0]
+    logs = run([str(BIN / "prefect"), "flow-run", "logs", flow_run["id"]], repo, ws["env"]).stdout
+    assert "pretrain | pretrain step 20/20" in logs and "\r" not in logs and "finetune | " in logs
+    assert "Completed" in watched.stdout
 
 
-def test_second_dvc_repro_skips_everything(workspace):
+def test_second_dvc_repro_skips_everything_and_a_param_change_reruns_downstream_only(workspace):
     out = run([str(BIN / "dvc"), "repro"], workspace["repo"], workspace["env"]).stdout
     assert "Running stage" not in out
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in out
-
-
-def test_pretrain_param_change_reruns_downstream_only(workspace):
     params = workspace["repo"] / "params.yaml"
-    values = yaml.safe_load(params.read_text())
+    text = params.read_text()
+    values = yaml.safe_load(text)
     values["pretrain"]["lr"] = 0.002
     params.write_text(yaml.safe_dump(values, sort_keys=False))
     env = {k: v for k, v in workspace["env"].items() if k != "MLFLOW_TRACKING_URI"}  # a plain, untracked dvc repro
-    out = run([str(BIN / "dvc"), "repro"], workspace["repo"], env).stdout
+    try:
+        out = run([str(BIN / "dvc"), "repro"], workspace["repo"], env, timeout=600).stdout
+    finally:
+        params.write_text(text)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
-    assert ran == {"pretrain", "evaluate", "analyze", "gate"}
+    assert ran == {"pretrain", "finetune", "evaluate", "benchmark", "analyze", "gate"}
+    run([str(BIN / "dvc"), "repro"], workspace["repo"], env, timeout=600)  # back to the committed settings (run cache)
 
 
-def test_override_flow_reruns_what_it_touches_and_links_skipped_stages(workspace):
+def test_override_runs_are_isolated_concurrent_and_get_no_false_verdict(workspace):
     ws = workspace
-    deployment_run(ws, "moe-lab-pipeline/on-demand", 'overrides=["evaluate.max_sequences=16"]', "gate=false")
-    assert yaml.safe_load((ws["repo"] / "params.yaml").read_text())["evaluate"]["max_sequences"] == 16  # as -S leaves it
-    assert run([str(BIN / "dvc"), "exp", "list", "--all-commits"], ws["repo"], ws["env"]).stdout.strip()  # saved experiment
+    repo = ws["repo"]
+    params_before = (repo / "params.yaml").read_text()
+    project_lock = (repo / "dvc.lock").read_text()
+    # two at once, as a schedule and a person would start them: queued by the pool, each in its own workspace
+    for args in (('overrides=["evaluate.max_sequences=16"]', "gate=false"), ("steps=4",)):
+        deployment_run(ws, "moe-lab-pipeline/on-demand", *args, watch=False)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        states = [r["state"]["type"] for r in json.loads(run([str(BIN / "prefect"), "flow-run", "ls", "-o", "json",
+                                                               "--flow-name", "moe-lab-pipeline"], repo, ws["env"]).stdout)]
+        if len(states) == 3 and all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states):
+            break
+        time.sleep(5)
+    assert states.count("COMPLETED") == 3, states
+    assert (repo / "params.yaml").read_text() == params_before and (repo / "dvc.lock").read_text() == project_lock
+    workspaces = sorted((repo / "outputs" / "runs").iterdir())
+    assert len(workspaces) == 2
+    by_param = {yaml.safe_load((w / "params.yaml").read_text())["pretrain"]["steps"]: w for w in workspaces}
+    short, evaluated = by_param[4], by_param[20]
+    assert yaml.safe_load((evaluated / "params.yaml").read_text())["evaluate"]["max_sequences"] == 16
+    assert json.loads((short / "outputs" / "gate" / "report.json").read_text())["passed"] is None  # other settings: no verdict
+    assert outs(evaluated, "pretrain") == outs(repo, "pretrain")  # restored from the run cache, not retrained
+    assert run([str(BIN / "dvc"), "exp", "list", "--all-commits"], repo, ws["env"]).stdout.strip()  # saved experiments
 
-    first, second = pipeline_runs(ws)
-    before, now = index(first), index(second)
-    assert {s: status for s, (_, status) in now.items()} == {
-        "data": "reused", "pretrain": "adopted", "pretrain_dense": "reused", "evaluate": "ran", "analyze": "adopted"}
-    assert now["data"][0] == before["data"][0] and now["pretrain_dense"][0] == before["pretrain_dense"][0]
-    c = client(ws)
-    adopted = c.get_run(now["pretrain"][0])  # made by the untracked `dvc repro` above: recorded from dvc.lock
-    assert adopted.data.tags["dvc.out.outputs/pretrain/model"] == outs(ws, "pretrain")["outputs/pretrain/model"]
-    candidate, champion = (c.get_model_version_by_alias("moe-lab", a) for a in ("candidate", "champion"))
-    assert candidate.run_id == now["pretrain"][0] and int(candidate.version) == int(champion.version) + 1
+    runs = pipeline_runs(ws)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    first = index(runs[0])
+    isolated = next(r for r in runs[1:] if r.data.params.get("evaluate.max_sequences") == "16")
+    now = index(isolated)
+    assert now["evaluate"][1] == "ran" and now["data"][1] == "reused" and now["pretrain"][1] == "reused"
+    assert now["pretrain"][0] == first["pretrain"][0]  # restored outputs point at the run that made them
 
 
 def test_gate_deployment_promotes_then_refuses_a_regression(workspace):
@@ -140,16 +190,15 @@ def test_gate_deployment_promotes_then_refuses_a_regression(workspace):
     assert c.get_model_version_by_alias("moe-lab", "champion").version == candidate  # unchanged
     gate_runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
                               "tags.`moe_lab.stage` = 'gate' and tags.`moe_lab.stage_status` = 'failed'")
-    assert len(gate_runs) == 1 and gate_runs[0].data.metrics["passed"] == 0
+    assert len(gate_runs) == 1 and gate_runs[0].data.metrics["passed"] == 0 and gate_runs[0].info.status == "FAILED"
     assert json.loads((ws["repo"] / "outputs/gate/report.json").read_text())["passed"] is False
 
 
 def test_lineage_command_walks_back_to_raw_data(workspace):
     out = run([str(BIN / "moe-lab"), "lineage", "models:/moe-lab@champion"], workspace["repo"], workspace["env"]).stdout
-    data_md5 = outs(workspace, "data")["outputs/data"]
+    data_md5 = outs(workspace["repo"], "data")["outputs/data"]
     assert "@candidate, @champion" in out and "<- pipeline run" in out and "@champion by gate run" in out
-    for stage in ["data", "pretrain", "pretrain_dense", "evaluate", "analyze"]:
+    for stage in ["data", "pretrain", "pretrain_dense", "finetune", "evaluate", "benchmark", "analyze"]:
         assert f"stage {stage}" in out
     assert "dep outputs/data" in out and f"{data_md5}  = data out" in out  # pretrain read what data wrote
-    assert "(reused" in out and "(adopted)" in out
     assert "raw data (manifest.json of run" in out and "data/demo" in out and "milton" in out

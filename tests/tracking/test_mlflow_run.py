@@ -95,3 +95,31 @@ def test_manifest_is_logged_as_a_dataset_input(demo_data, tmp_path):
     assert "manifest.json" in inputs[0].dataset.source and len(inputs[0].dataset.digest) == 16
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
     assert '"rows": 1' not in inputs[0].dataset.profile  # one row per split x domain, not a single row
+
+
+@pytest.mark.slow
+def test_four_training_runs_logging_to_one_server_at_once_lose_no_point(mlflow_server, demo_data, tmp_path):
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for i in range(4):
+        code = (
+            "from moe_engine.training.trainer import Trainer; "
+            f"Trainer(arch='mixtral', data={str(demo_data)!r}, out_dir={str(tmp_path / f'run{i}')!r}, steps=15, seed={i}, "
+            f"micro_batch_size=2, log_every=1, save_every=0, eval_batches=1, mlflow_tracking_uri={mlflow_server.uri!r}, "
+            "experiment='four').fit()"
+        )
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("four").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:  # every step's point of every run arrived
+        history = client.get_metric_history(r.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 16)), r.info.run_name
+        assert len(client.get_metric_history(r.info.run_id, "router/layer0/load_imbalance")) == 15
+    assert not any((tmp_path / f"run{i}" / "unsent_metrics.jsonl").exists() for i in range(4))
