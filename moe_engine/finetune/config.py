@@ -24,6 +24,7 @@ class TaskConfig(Config):
     test_fraction: float = 0.2  # held-out share when DATA is one file (a folder with train/test files keeps its split)
     max_records: int = 0  # use at most this many training records (0 = all)
     max_duplicate_share: float = 0.05  # validation: exact duplicate (prompt, response) pairs
+    max_overlong_share: float = 0.05  # validation: prompts with no room for a response in max_length (dropped, counted)
     min_records: int = 8
 
     def check(self) -> None:
@@ -32,6 +33,7 @@ class TaskConfig(Config):
         self.require(0.0 < self.test_fraction < 1.0, "test_fraction", "in (0, 1)")
         self.require(self.max_records >= 0, "max_records", ">= 0")
         self.require(0.0 <= self.max_duplicate_share <= 1.0, "max_duplicate_share", "in [0, 1]")
+        self.require(0.0 <= self.max_overlong_share <= 1.0, "max_overlong_share", "in [0, 1]")
         self.require(self.min_records >= 1, "min_records", ">= 1")
 
 

@@ -26,7 +26,7 @@ import torch
 from moe_engine.errors import ConfigError, InputError
 from moe_engine.finetune import esft, methods
 from moe_engine.finetune.config import METHODS, FinetuneConfig
-from moe_engine.finetune.data import TaskDataset, TaskEncoder, collate, load_task, validate_records
+from moe_engine.finetune.data import TaskDataset, TaskEncoder, collate, fitting, load_task, validate_records
 from moe_engine.finetune.evaluate import measure, router_choices, router_drift
 from moe_engine.models.adapters import moe_layers
 
@@ -107,8 +107,9 @@ def _finetune_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokeni
     if not test:
         raise InputError(f"task data {data} has no held-out records (test.* file, or test_fraction); nothing to evaluate on")
     validate_records(test, encoder, cfg.task.replace(min_records=1, max_duplicate_share=1.0), f"{data} (held-out records)")
+    train = fitting(train, encoder)
     train_encoded = [encoder.encode(r) for r in train]
-    test_records = [r for r in test if len(encoder.prompt_ids(r["prompt"])) < cfg.task.max_length]
+    test_records = fitting(test, encoder)
     test_records = test_records[: cfg.eval.test_records] if cfg.eval.test_records else test_records
     test_encoded = [encoder.encode(r) for r in test_records]
 
@@ -225,7 +226,7 @@ def _mlflow(uri, cfg, base, data, out, stage):
     from moe_engine.tracking.lineage import git_commit
     from moe_engine.training import callbacks as cb
 
-    tags = {"moe_lab.stage": stage, "moe_lab.kind": "stage", "moe_lab.finetune_method": cfg.method,
+    tags = {"moe_lab.stage": stage, "moe_lab.kind": "stage", "moe_lab.finetune_method": cfg.method, "moe_lab.model_kind": "finetune",
             "moe_lab.base_model": str(base), "moe_lab.task_data": str(data)}
     base_run = base.parent / "run.json"
     if base_run.exists():  # lineage to the run that trained the base (pretrain writes run.json beside model/)

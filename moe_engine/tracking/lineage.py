@@ -178,14 +178,16 @@ def stage_run(stage: str, params: dict, metrics: dict, artifacts: list[Path], *,
         else:
             exp_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), uri)
         tags = {TAG_KIND: "stage", TAG_STAGE: stage, TAG_STATUS: status, TAG_PARENT: parent,
-                TAG_FLOW_RUN: flow_run_id or os.environ.get(ENV_FLOW_RUN), TAG_GIT: git_commit()}
+                TAG_FLOW_RUN: flow_run_id or os.environ.get(ENV_FLOW_RUN), TAG_GIT: git_commit(),
+                "mlflow.note.content": _description(stage)}
         run_id = client.create_run(exp_id, run_name=stage, tags={k: v for k, v in tags.items() if v}).info.run_id
         items = [Param(_key(k), str(v)[:6000]) for k, v in flatten(params or {}).items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(run_id, params=items[i:i + 100])
         numbers = {k: float(v) for k, v in flatten(metrics or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        client.log_batch(run_id, metrics=[Metric(_key(k), v, 0, 0) for k, v in numbers.items()])
+        # grouped under the stage's name in the MLflow UI (evaluate/moe.val_loss is not pretrain's val/loss)
+        client.log_batch(run_id, metrics=[Metric(_key(f"{stage}/{k}"), v, 0, 0) for k, v in numbers.items()])
         for path in map(Path, artifacts or []):
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), path.name)
@@ -201,6 +203,13 @@ def stage_run(stage: str, params: dict, metrics: dict, artifacts: list[Path], *,
             except Exception:
                 pass  # the store is down: the run stays RUNNING, which is what it is
         return None
+
+
+def _description(stage: str) -> str:
+    from moe_engine.stages import PIPELINE
+
+    found = next((s for s in PIPELINE if s.name == stage), None)
+    return f"Stage `{stage}`: {found.description}." if found is not None else ""
 
 
 def _index(client, parent: str, stage: str, run_id: str, status: str) -> None:

@@ -104,7 +104,7 @@ def test_the_stage_run_in_mlflow_holds_the_metrics_and_the_table(bench_run):
     logged = runs[0].data.metrics
     for key in ("moe.wordnet_gloss.acc", "dense.passage_ood.acc_norm_stderr", "moe_minus_dense.stdlib_function.acc"):
         model, task, metric = key.split(".")
-        assert logged[key] == pytest.approx(metrics[model][task][metric], abs=1e-12)
+        assert logged[f"benchmark/{key}"] == pytest.approx(metrics[model][task][metric], abs=1e-12)
     assert runs[0].data.params["limit"] == str(LIMIT)
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"compare.md", "metrics.json", "results"}
 

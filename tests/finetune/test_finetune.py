@@ -173,7 +173,7 @@ def test_sft_loss_is_the_cross_entropy_of_response_tokens_only(base):
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "", "response": "x"}] * 1 + [{"prompt": f"q{i}", "response": "a"} for i in range(20)], "empty_prompt"),
     ([{"prompt": f"q{i}", "response": "   "} for i in range(20)], "empty_response"),
-    ([{"prompt": "word " * 400, "response": "a"}] + [{"prompt": f"q{i}", "response": "a"} for i in range(20)], "prompt_fits_context"),
+    ([{"prompt": "word " * 400, "response": "a"}] * 3 + [{"prompt": f"q{i}", "response": "a"} for i in range(20)], "prompt_fits_context"),
     ([{"prompt": "same", "response": "same"}] * 20, "duplicate_share"),
     ([{"prompt": "q", "answer": "a"}] * 20, "lack a 'prompt' or 'response' field"),
     ([{"prompt": "q", "response": 3}] * 20, "'response' must be text, got int"),

@@ -19,7 +19,7 @@ TINY = {
                  "log_every": 5, "eval_batches": 2},
     "pretrain_dense": {"steps": 20, "micro_batch_size": 4, "warmup_steps": 2, "save_every": 10, "log_every": 5,
                        "eval_batches": 2},
-    "finetune": {"steps": 4, "micro_batch_size": 4, "log_every": 2, "task": {"max_length": 64, "max_records": 64},
+    "finetune": {"steps": 4, "micro_batch_size": 4, "log_every": 2, "task": {"max_length": 128, "max_records": 64},
                  "eval": {"test_records": 16, "generate_records": 2, "max_new_tokens": 4, "retention_sequences": 16}},
     "evaluate": {"batch_size": 16, "max_sequences": 32},
     "benchmark": {"limit": 8, "passage_items": 8},

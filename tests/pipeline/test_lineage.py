@@ -84,7 +84,7 @@ def test_stage_run_from_the_pipeline_environment(history, monkeypatch, tmp_path)
     tags = run.data.tags
     assert tags["moe_lab.stage"] == "pretrain_dense" and tags["mlflow.parentRunId"] == history["first"]
     assert tags["prefect.flow_run_id"] == "flow-1"
-    assert run.data.params["router.aux_loss_coef"] == "0.01" and run.data.metrics["loss"] == 2.5
+    assert run.data.params["router.aux_loss_coef"] == "0.01" and run.data.metrics["pretrain_dense/loss"] == 2.5
     assert [a.path for a in MlflowClient(history["uri"]).list_artifacts(run_id)] == ["report.md"]
 
 

@@ -11,6 +11,10 @@ from pathlib import Path
 from moe_engine.training.loop import Callback
 
 
+# one colour per kind of run in the MLflow UI's charts (the tag its UI reads): MoE and dense baseline apart
+COLORS = {"moe": "#1f77b4", "dense": "#ff7f0e", "finetune": "#2ca02c", "other": "#7f7f7f"}
+
+
 class MLflowLogger(Callback):
     name = "mlflow"
 
@@ -31,6 +35,7 @@ class MLflowLogger(Callback):
 
         if self.description:
             self.tags["mlflow.note.content"] = self.description
+        self.tags.setdefault("mlflow.runColor", COLORS.get(self.tags.get("moe_lab.model_kind", ""), COLORS["other"]))
         self.run = MLflowRun(self.uri, self.experiment, run_name=self.run_name, tags=self.tags,
                              parent_run_id=os.environ.get("MOE_LAB_PARENT_RUN_ID") or None, fallback_dir=self.fallback_dir)
         constants = {"params_total": loop.param_counts.total, "params_active": loop.param_counts.active,
