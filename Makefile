@@ -30,15 +30,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: $(STAMP)  ## create .venv and install the project with every extra
 
-# The demo is the pipeline itself: dvc repro runs every stage of dvc.yaml that is not up to date
-# (all of them on a fresh clone), logging each run to the project's MLflow store.
-demo: setup  ## run the whole pipeline (dvc repro) on the embedded demo corpus, CPU, ~4 min
-	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow)/mlflow.db}" \
-		$(BIN)/dvc repro
+# The demo is the pipeline itself, run as the Prefect flow (flows/pipeline.py, a temporary local Prefect
+# server): every DVC stage of dvc.yaml that is not up to date (all of them on a fresh clone), one MLflow
+# run per stage under a pipeline run in mlflow/mlflow.db, the models registered as @candidate, the gate,
+# and @champion when it passes. `dvc repro` runs the same stages without Prefect and the registry.
+demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow over the DVC stages), CPU, ~6 min
+	PATH="$(abspath $(BIN)):$$PATH" PREFECT_HOME="$(abspath mlflow/store/prefect)" \
+		MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow)/mlflow.db}" $(BIN)/python flows/pipeline.py
 	@echo; echo "== MoE vs dense baseline at equal training FLOPs (outputs/evaluate/compare.md)"; cat outputs/evaluate/compare.md
-	@echo "== tokens per expert (outputs/pretrain/tokens_per_expert.json)"; cat outputs/pretrain/tokens_per_expert.json; echo
+	@echo "== LoRA fine-tune, before -> after (outputs/finetune/compare.md)"; cat outputs/finetune/compare.md
+	@echo "== benchmark tasks, accuracy (outputs/benchmark/compare.md)"; cat outputs/benchmark/compare.md
 	@echo "== router analytics: outputs/analyze/report.html   data report: outputs/data/validation/index.html"
-	@echo "== benchmark gate: outputs/gate/report.md   MLflow UI: make mlflow-ui"
+	@echo "== benchmark gate: outputs/gate/report.md   MLflow UI: make mlflow-ui   lineage: $(BIN)/moe-lab lineage models:/moe-lab@champion"
 
 test: setup  ## run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # the deepspeed launcher puts --local_rank=N right after the program, before the subcommand
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    from moe_engine import __version__
+
+    parser.add_argument("--version", action="version", version=f"moe-lab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for name in STAGES:
         try:
             module = import_module(name)

@@ -40,6 +40,7 @@ COMMANDS = (
     "moe_engine.gate.cli",
     "moe_engine.tracking.cli",
     "moe_engine.inference.cli",
+    "moe_engine.models.cli",
 )
 
 # the DVC pipeline, in dvc.yaml order (the gate last)

@@ -98,7 +98,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `data` with its sub-commands on an argparse subparsers object."""
     data = subparsers.add_parser("data", help="raw text -> tokenizer -> validated token shards",
                                  description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{tokenizer,shards,prepare,validate}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="<command>")
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE (or adopt an HF tokenizer dir)",
                        description="Train a byte-level BPE on the sources (out-of-domain sources excluded), or copy"

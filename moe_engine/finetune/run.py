@@ -147,6 +147,8 @@ def _finetune_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokeni
     uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         calls.append(_mlflow(uri, cfg, base, data, out, stage))
+    else:
+        print("tracking: off (set MLFLOW_TRACKING_URI or mlflow_tracking_uri to log this run to MLflow)", flush=True)
     calls += [cb.PeriodicEval(cfg.eval_every), cb.Checkpointer(cfg.save_every, cfg.keep_checkpoints), cb.Profiler(cfg.profile_steps, out / "profile")]
     settings = {**cfg.to_dict(), "base": str(base), "data": hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]}
     loop = TrainLoop(cfg, build, make_data, SupervisedObjective(), calls, out, eval_data=eval_data, settings=settings, prepare=prepare)

@@ -83,9 +83,10 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "TrainLoop":
-        import deepspeed
+        from moe_engine.training.parallel import init_distributed, param_groups, prepare_environment, shard_experts
 
-        from moe_engine.training.parallel import init_distributed, param_groups, shard_experts
+        prepare_environment()  # before DeepSpeed's import reads its accelerator
+        import deepspeed
 
         cfg = self.config
         self.rank, self.world = init_distributed()

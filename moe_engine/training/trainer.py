@@ -206,6 +206,8 @@ class Trainer:
         uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if uri:
             calls.append(self._mlflow(uri))
+        elif os.environ.get("RANK", "0") == "0":
+            print("tracking: off (set MLFLOW_TRACKING_URI or mlflow_tracking_uri to log this run to MLflow)", flush=True)
         calls += [cb.PeriodicEval(cfg.eval_every),
                   cb.Snapshots(cfg.snapshot_every, out / "snapshots", lambda loop, path: self.export(loop, path)),
                   cb.Checkpointer(cfg.save_every, cfg.keep_checkpoints, fresh=self.fresh),

@@ -114,8 +114,10 @@ def test_pipeline_deployment_runs_every_stage_with_lineage(workspace, deployment
     listed = json.loads(run([str(BIN / "prefect"), "artifact", "ls", "-o", "json"], repo, ws["env"]).stdout)
     assert {"stage-data", "stage-pretrain-dense", "stage-gate", "model-candidate-pretrain", "model-champion"} <= {a["key"] for a in listed}
     # the stages' own output reached the Prefect logs: plain progress lines, no carriage returns
-    flow_run = json.loads(run([str(BIN / "prefect"), "flow-run", "ls", "-o", "json"], repo, ws["env"]).stdout)[0]
-    logs = run([str(BIN / "prefect"), "flow-run", "logs", flow_run["id"]], repo, ws["env"]).stdout
+    import re
+
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", watched.stdout).group(1)
+    logs = run([str(BIN / "prefect"), "flow-run", "logs", flow_run_id], repo, {**ws["env"], "COLUMNS": "500"}).stdout
     assert "pretrain | pretrain step 20/20" in logs and "\r" not in logs and "finetune | " in logs
     assert "Completed" in watched.stdout
 

@@ -24,20 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(data, out, arch, ep_size, zero_stage=2, steps=6, launcher="torchrun"):
+def _torchrun(data, out, arch, ep_size, zero_stage=2, steps=6, launcher="torchrun", nproc=2):
     dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
     if launcher == "torchrun":
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "-m"]
     else:  # DeepSpeed's own launcher; it adds --local_rank=N before the subcommand
         env["DS_ACCELERATOR"] = "cpu"
-        launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()), "--module"]
+        launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module"]
     cmd = [
         *launch, "moe_engine.cli", "pretrain", "--data", str(data), "--out", str(out),
         "--set", f"arch={arch}", "--set", f"ep_size={ep_size}", "--set", f"zero_stage={zero_stage}",
         "--set", f"steps={steps}", "--set", "micro_batch_size=4", "--set", "warmup_steps=1",
-        "--set", "save_every=0", "--set", "eval_batches=1", "--set", "log_every=3",
+        "--set", "save_every=0", "--set", "eval_batches=1", "--set", f"log_every={min(3, steps)}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,3 +67,14 @@ def test_the_deepspeed_launcher_runs_the_same_job_as_torchrun(demo_data, tmp_pat
     by_deepspeed = _torchrun(demo_data, tmp_path / "deepspeed", "mixtral", ep_size=2, steps=3, launcher="deepspeed")
     assert by_deepspeed == by_torchrun  # same ranks, same data, same reductions: bitwise
     assert (tmp_path / "deepspeed" / "model" / "config.json").exists()
+
+
+def test_expert_parallel_over_four_ranks_matches_ep2_by_data_parallel_2(demo_data, tmp_path):
+    """EP=4 (every rank holds 2 of OLMoE-tiny's 8 experts) and EP=2 x DP=2 on 4 gloo processes: the
+    same function, so the same losses; the export gathers all 8 experts from 4 ranks."""
+    ep4 = _torchrun(demo_data, tmp_path / "ep4", "olmoe", ep_size=4, steps=4, nproc=4)
+    ep2 = _torchrun(demo_data, tmp_path / "ep2", "olmoe", ep_size=2, steps=4, nproc=4)
+    assert len(ep4) == len(ep2) == 4
+    assert max(abs(a - b) / abs(a) for a, b in zip(ep4, ep2)) < 1e-4, (ep4, ep2)
+    engine = me.load(tmp_path / "ep4" / "model").eval()
+    assert me.moe_layers(engine)[0].experts.gate_up_proj.shape[0] == 8

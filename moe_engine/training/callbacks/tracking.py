@@ -42,6 +42,7 @@ class MLflowLogger(Callback):
                      "flops_per_token": loop.flops_per_token, "world_size": loop.world, "seq_len": loop.seq_len,
                      "tokens_per_step": loop.tokens_per_step}
         self.run.log_params({**flatten(self.params), **constants})
+        print(f"tracking: MLflow run {self.run.run_id} in {self.uri} (experiment {self.experiment})", flush=True)
         if self.manifest is not None and Path(self.manifest).exists():
             self.run.log_manifest(self.manifest)
 
