@@ -142,6 +142,7 @@ def test_second_dvc_repro_skips_everything_and_a_param_change_reruns_downstream_
     run([str(BIN / "dvc"), "repro"], workspace["repo"], env, timeout=600)  # back to the committed settings (run cache)
 
 
+@pytest.mark.timeout(1500)
 def test_override_runs_are_isolated_concurrent_and_get_no_false_verdict(workspace):
     ws = workspace
     repo = ws["repo"]
