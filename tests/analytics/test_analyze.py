@@ -85,7 +85,7 @@ def test_text_folder_and_tokenizer_input(tmp_path, corpus_dir, gpt2_dir, capsys)
     html = (tmp_path / "out" / "report.html").read_text()
     assert "kjv_bible (512)" in html and "sqlite_docs (512)" in html
     assert "saturation needs two or more" in html
-    assert re.search(r"'[^']*' \d+%", html)  # decoded tokens in the token-specialisation table
+    assert re.search(r"'[^']*' \d+\.\dx \(\d+% of \d+\)", html)  # decoded tokens, ranked by lift
     assert not (tmp_path / "out" / "saturation.png").exists()
 
 
