@@ -121,8 +121,8 @@ def specialisation_heatmaps(spec: pd.DataFrame, path: Path, what: str = "domain"
         ax.set(title=f"layer {layer}", xlabel="expert", yticks=range(len(groups)))
         ax.set_yticklabels(groups)
         _integer_ticks(ax, y=False)
-    _percent_colorbar(fig, im, axes, f"% of the {what}'s tokens (uniform K / E = {uniform:.0f}%)")
-    fig.suptitle(f"Expert specialisation by {what} (%)")
+    _percent_colorbar(fig, im, axes, f"% of the {what}'s tokens")
+    fig.suptitle(f"Expert specialisation by {what} (% of its tokens; white = uniform K / E = {uniform:.0f}%)")
     return _save(fig, path)
 
 

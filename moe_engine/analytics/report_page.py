@@ -80,6 +80,13 @@ def top_tokens(token_table: pd.DataFrame, tokenizer=None, n: int = 6) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def _token_block(token_table: pd.DataFrame, tokenizer, min_token_count: int) -> tuple:
+    if token_table.empty:
+        return ("p", f"No token occurred {min_token_count} times or more in the analysed data: nothing to rank "
+                     f"(lower analyze.min_token_count or analyse more tokens).")
+    return ("table", Table(top_tokens(token_table, tokenizer), {"expert's share of all tokens": percent}))
+
+
 def _saturation(sat: pd.DataFrame, pngs: dict) -> list:
     blocks: list = [("h2", "Router saturation against the final checkpoint")]
     if "saturation" not in pngs:
@@ -118,7 +125,7 @@ def write(path: Path, t: dict[str, pd.DataFrame], health: pd.DataFrame, pngs: di
               f"processed) / (% of all tokens this expert processed). 1x means the expert takes the token no more often "
               f"than any other token; the ceiling is 1 / the expert's share. Ranked by lift, ties by frequency; a "
               f"100% share at a busy expert is little evidence, the same share at a quiet one is."),
-        ("table", Table(top_tokens(t["token_specialisation"], tokenizer), {"expert's share of all tokens": percent})),
+        _token_block(t["token_specialisation"], tokenizer, min_token_count),
         ("h2", "Expert co-activation (last checkpoint)"),
         ("p", "Row i, column j: % of expert i's tokens that expert j processed too."),
         ("img", pngs["coactivation"]),
