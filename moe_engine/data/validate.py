@@ -229,39 +229,48 @@ def _domain_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True).astype({k: "int64" for k in columns})
 
 
-def write_summary_page(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int | None, failures: list[RuleFailure],
-                       path: Path, data_docs: Path | None = None) -> Path:
-    """The self-contained summary page (see the module docstring): one row per rule with its limit,
-    the observed value, pass/fail and examples of failing documents; the per-domain and per-file sizes."""
+def write_rules_page(path: Path, title: str, rules: dict[str, tuple[str, str]], failures: list[RuleFailure],
+                     sections: list[tuple[str, pd.DataFrame]], note: str = "", meta: dict | None = None,
+                     data_docs: Path | None = None) -> Path:
+    """A self-contained validation page: ``rules`` maps each rule to (its limit, the value observed),
+    shown with pass / fail, how many rows failed and examples; failures of rules not listed (schema
+    checks) are added; then ``sections`` (heading, table). Links the Great Expectations ``data_docs``."""
     from moe_engine.analytics.report import Link, Table, run_meta, write_report
 
     failed = {f.rule: f for f in failures}
-    described = {"min_documents": f"at least {cfg.min_documents} document(s)",
-                 **{rule: desc for rule, (_, desc, _) in _rules(cfg, vocab_size).items()}}
-    rows = [{"rule": rule, "limit": desc, "observed": _observed(df, rule), "result": "fail" if rule in failed else "pass",
-             "failing": failed[rule].count if rule in failed else 0, "examples": "; ".join(failed[rule].examples) if rule in failed else ""}
-            for rule, desc in described.items()]
+    rows = [{"rule": rule, "limit": limit, "observed": observed, "result": "fail" if rule in failed else "pass",
+             "failing": failed[rule].count if rule in failed else 0,
+             "examples": "; ".join(failed[rule].examples) if rule in failed else ""}
+            for rule, (limit, observed) in rules.items()]
     rows += [{"rule": f.rule, "limit": f.description, "observed": "", "result": "fail", "failing": f.count,
-              "examples": "; ".join(f.examples)} for f in failures if f.rule not in described]  # schema checks (types, hex)
+              "examples": "; ".join(f.examples)} for f in failures if f.rule not in rules]
     verdict = f"{len(failures)} rule(s) broken" if failures else f"all {len(rows)} rules passed"
+    page_meta: dict[str, object] = {**run_meta(), **(meta or {}), "result": verdict}
+    if data_docs is not None:
+        href = Path(data_docs).resolve().relative_to(Path(path).resolve().parent).as_posix()
+        page_meta["Great Expectations Data Docs"] = Link(f"{href} (the same rules as an expectation suite; their "
+                                                         "styles and scripts load from CDNs, so offline they show bare)", href)
+    blocks = [("h2", "Rules"), ("p", "Each rule with its limit, the value observed and its result. " + note),
+              ("table", Table(pd.DataFrame(rows)))]
+    for heading, table in sections:
+        blocks += [("h2", heading), ("table", table)]
+    return write_report(path, f"{title}: {verdict}", page_meta, blocks)
+
+
+def write_summary_page(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int | None, failures: list[RuleFailure],
+                       path: Path, data_docs: Path | None = None) -> Path:
+    """The data stage's page (see the module docstring): its rules (params.yaml data.validation), the
+    per-domain and per-file sizes and token counts."""
+    rules = {"min_documents": f"at least {cfg.min_documents} document(s)",
+             **{rule: desc for rule, (_, desc, _) in _rules(cfg, vocab_size).items()}}
     files = df.groupby(["source", "domain"]).agg(documents=("n_chars", "size"), characters=("n_chars", "sum"),
                                                  **({"tokens": ("n_tokens", "sum")} if "n_tokens" in df else {})).reset_index()
-    meta: dict[str, object] = {**run_meta(), "documents": f"{len(df):,} in {df['domain'].nunique()} domain(s)",
-                               "result": verdict}
-    if data_docs is not None:
-        meta["Great Expectations Data Docs"] = Link("data_docs/index.html (the same rules as an expectation suite; "
-                                                    "styled only online)", str(data_docs.relative_to(path.parent)))
-    blocks = [
-        ("h2", "Rules"),
-        ("p", "Each rule with its limit (params.yaml data.validation), the value observed on this corpus and its result. "
-              "Share rules count documents; a document is empty when it has no text after stripping."),
-        ("table", Table(pd.DataFrame(rows))),
-        ("h2", "Per domain"),
-        ("table", _domain_table(df)),
-        ("h2", "Per source file"),
-        ("table", files),
-    ]
-    return write_report(path, f"Data validation: {verdict}", meta, blocks)
+    return write_rules_page(
+        path, "Data validation", {rule: (limit, _observed(df, rule)) for rule, limit in rules.items()}, failures,
+        [("Per domain", _domain_table(df)), ("Per source file", files)],
+        note="Limits are params.yaml data.validation; share rules count documents, and a document is empty when it "
+             "has no text after stripping.",
+        meta={"documents": f"{len(df):,} in {df['domain'].nunique()} domain(s)"}, data_docs=data_docs)
 
 
 def validate_documents(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int | None = None,

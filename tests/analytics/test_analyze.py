@@ -69,6 +69,13 @@ def test_report_shows_domain_specialisation_and_saturation(trained, capsys):
     sat = pd.read_csv(out / "saturation.csv").groupby("index")["saturation"].mean()
     assert sat.iloc[-1] == 1.0 and sat.iloc[0] < sat.iloc[-2] < 1.0  # routing settles towards the final one
     assert sat.iloc[0] == pytest.approx(2 / 8, abs=0.1)  # at init it agrees with the final router by chance (K/E)
+    import json
+
+    summary = json.loads((out / "metrics.json").read_text())["router"]  # DVC metrics: a short nested summary
+    layers = pd.read_csv(out / "layer_metrics.csv")
+    assert summary["layers"] == len(layers) == summary["balanced"] + summary["imbalanced"] + summary["collapsed"]
+    assert summary["load_imbalance_max"] == pytest.approx(layers["load_imbalance"].max())
+    assert pd.read_csv(out / "saturation.csv").drop_duplicates("index")["step"].tolist() == list(CHECKPOINTS)
     loads = pd.read_csv(out / "expert_load.csv")
     assert list(dict.fromkeys(loads["checkpoint"])) == [f"step{s}" for s in CHECKPOINTS]
 
