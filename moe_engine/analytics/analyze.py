@@ -3,10 +3,13 @@
     result = analyze(["ckpt/step100", "ckpt/step400"], "data/demo", "out/analysis", tokenizer="tok/")
 
 Checkpoints are given in training order; the last one is the reference of router saturation and the
-one the per-layer tables describe. Outputs in ``out_dir``: ``report.html`` (self-contained),
-``load_heatmap.png``, ``coactivation.png``, ``domain_specialisation.png``, ``saturation.png`` (two or
-more checkpoints), CSV tables and ``metrics.json`` (flat router/layer{i}/{metric} of the last
-checkpoint, for DVC metrics).
+one the per-layer tables describe. Outputs in ``out_dir``: ``report.html`` (self-contained: a health
+verdict per layer first, then the tables and plots; report_page.py), ``load_heatmap.png``,
+``coactivation.png``, ``domain_specialisation.png``, ``saturation.png`` (two or more checkpoints),
+CSV tables (``saturation.csv`` with a numeric ``step`` for DVC plots) and ``metrics.json``: a short
+nested summary of the last checkpoint, ``{"router": {"layers", "balanced", "imbalanced", "collapsed",
+"load_imbalance_max", ...}}``, so ``dvc metrics show`` stays narrow (per-layer values are in
+``layer_metrics.csv``; ``AnalysisResult.metrics``, logged to MLflow, keeps them all).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import ClassVar, Sequence
 import pandas as pd
 import torch
 
-from moe_engine.analytics import plots, report, tables
+from moe_engine.analytics import plots, report_page, tables
 from moe_engine.analytics.data import AnalyticsError, load_dataset, load_tokenizer
 from moe_engine.analytics.recorder import RoutingRecorder
 from moe_engine.config import Config
@@ -115,6 +118,19 @@ def analyze(
     return result
 
 
+def summary_metrics(layers: pd.DataFrame, health: pd.DataFrame) -> dict[str, float]:
+    """The few numbers of an analysis worth comparing across experiments (``dvc metrics diff``)."""
+    verdicts = health["verdict"].value_counts()
+    return {
+        "layers": int(len(layers)),
+        **{v: int(verdicts.get(v, 0)) for v in ("balanced", "imbalanced", "collapsed")},
+        "load_imbalance_max": float(layers["load_imbalance"].max()),
+        "dead_expert_fraction_max": float(layers["dead_expert_fraction"].max()),
+        "routing_entropy_mean": float(layers["routing_entropy"].mean()),
+        "z_loss_mean": float(layers["z_loss"].mean()),
+    }
+
+
 def _write_outputs(recorders, names, dataset, cfg, tok, out: Path) -> AnalysisResult:
     final = recorders[-1]
     experts = pd.concat([r.expert_table().assign(checkpoint=n) for r, n in zip(recorders, names)], ignore_index=True)
@@ -128,10 +144,12 @@ def _write_outputs(recorders, names, dataset, cfg, tok, out: Path) -> AnalysisRe
         "token_specialisation": final.token_table(min_count=cfg.min_token_count),
         "saturation": tables.saturation_table(recorders, names),
     }
-    result.metrics = final.metrics()
+    health = tables.health_table(result.tables["layer_metrics"])
+    summary = summary_metrics(result.tables["layer_metrics"], health)
+    result.metrics = {**final.metrics(), **{f"router/{k}": float(v) for k, v in summary.items()}}
     for name, table in result.tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1, sort_keys=True))
+    (out / "metrics.json").write_text(json.dumps({"router": summary}, indent=1))
 
     lt = result.tables["layer_metrics"]
     uniform = float(lt["top_k"].iloc[0] / lt["num_experts"].iloc[0])
@@ -144,61 +162,10 @@ def _write_outputs(recorders, names, dataset, cfg, tok, out: Path) -> AnalysisRe
     }
     if len(recorders) > 1:
         result.pngs["saturation"] = plots.saturation_curve(result.tables["saturation"], out / "saturation.png", baseline=uniform)
-    _write_report(result, names, dataset, cfg, tok)
-    return result
-
-
-def top_tokens(token_table: pd.DataFrame, tokenizer=None, n: int = 6) -> pd.DataFrame:
-    """Per layer and expert, the ``n`` token ids it processes the largest share of (OLMoE's
-    vocabulary specialisation), decoded when a tokenizer is given."""
-    def show(i: int) -> str:
-        return repr(tokenizer.decode([i])) if tokenizer is not None else str(i)
-
-    ranked = token_table.sort_values(["share", "occurrences"], ascending=False).groupby(["layer", "expert"]).head(n)
-    rows = [
-        {
-            "layer": layer,
-            "expert": expert,
-            "tokens (share of their occurrences)": ", ".join(f"{show(t)} {s:.0%}" for t, s in zip(g["token_id"], g["share"])),
-        }
-        for (layer, expert), g in ranked.groupby(["layer", "expert"])
-    ]
-    return pd.DataFrame(rows)
-
-
-def _write_report(result: AnalysisResult, names: list[str], dataset: dict[str, torch.Tensor], cfg: AnalyzeConfig, tok) -> None:
-    t = result.tables
-    spec = t["domain_specialisation"]
-    top = spec.sort_values("ratio", ascending=False).groupby("group").head(1).sort_values("group")
-    blocks: list = [
-        ("h2", "Per-layer routing metrics (last checkpoint)"),
-        ("p", "load_imbalance = max/mean tokens per expert (1 is balanced); dead_expert_fraction = experts with no "
-              "token; routing_entropy is normalised by log E; balance_loss is the unscaled Switch loss (K when balanced); "
-              "consistency_next is the normalised mutual information of a token's primary expert with the next layer."),
-        ("table", t["layer_metrics"]),
-        ("h2", "Expert load across checkpoints"),
-        ("img", result.pngs["load_heatmap"]),
-        ("h2", "Domain specialisation (OLMoE, Muennighoff et al. 2024)"),
-        ("p", f"Share of each domain's tokens routed to each expert; an unspecialised router gives K/E = "
-              f"{spec['uniform'].iloc[0]:.3f} everywhere. Most over-used expert per domain below (ratio = share / uniform)."),
-        ("img", result.pngs["domain_specialisation"]),
-        ("table", top[["group", "layer", "expert", "share", "ratio"]]),
-        ("h2", "Token specialisation (last checkpoint)"),
-        ("p", f"Tokens seen at least {cfg.min_token_count} times that each expert processes most often."),
-        ("table", top_tokens(t["token_specialisation"], tok)),
-        ("h2", "Expert co-activation (last checkpoint)"),
-        ("img", result.pngs["coactivation"]),
-        ("h2", "Router saturation against the final checkpoint"),
-    ]
-    if "saturation" in result.pngs:
-        blocks += [("img", result.pngs["saturation"]), ("table", t["saturation"])]
-    else:
-        blocks.append(("p", "One checkpoint given: saturation needs two or more."))
-    if len(t["consistency"]):
-        blocks += [("h2", "Cross-layer routing consistency"), ("table", t["consistency"])]
     meta = {
         "checkpoints (training order)": ", ".join(names),
-        "domains (tokens)": ", ".join(f"{d} ({ids.numel()})" for d, ids in dataset.items()),
+        "domains (tokens)": ", ".join(f"{d} ({ids.numel():,})" for d, ids in dataset.items()),
         "settings": json.dumps(cfg.to_dict()),
     }
-    report.write_report(result.report, "Router analytics", meta, blocks)
+    report_page.write(result.report, result.tables, health, result.pngs, names, meta, cfg.min_token_count, tok)
+    return result

@@ -1,6 +1,9 @@
 """PNG plots of the analytics tables. matplotlib is imported inside each function and used through
 ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so plotting changes no global backend
-state and works headless. Each function takes a validated table and a path and returns the path."""
+state and works headless. Each function takes a validated table and a path and returns the path.
+
+Units, as in the HTML report: shares are drawn in % (cells and colourbars alike), the relative load
+as a multiple of the fair share; expert and layer axes carry integer ticks only."""
 
 from __future__ import annotations
 
@@ -36,6 +39,22 @@ def _annotate(ax, im, values: np.ndarray, fmt: str, scale: float = 1.0, limit: i
             ax.text(c, r, format(v * scale, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 
+def _integer_ticks(ax, x: bool = True, y: bool = True) -> None:
+    """Ticks at whole experts / layers only (imshow puts cell n at n); at most ~12 per axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True, min_n_ticks=1))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=12, integer=True, min_n_ticks=1))
+
+
+def _percent_colorbar(fig, im, axes, label: str):
+    from matplotlib.ticker import PercentFormatter
+
+    return fig.colorbar(im, ax=list(axes), label=label, format=PercentFormatter(decimals=0))
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,66 +75,78 @@ def load_heatmap(experts: pd.DataFrame, path: Path) -> Path:
         grid_LE = experts[experts["checkpoint"] == name].pivot(index="layer", columns="expert", values="relative_load")
         im = ax.imshow(grid_LE.to_numpy(), cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax), aspect="auto")
         _annotate(ax, im, grid_LE.to_numpy(), ".1f")
-        ax.set(title=str(name), xlabel="expert", ylabel="layer", xticks=range(grid_LE.shape[1]), yticks=range(grid_LE.shape[0]))
+        ax.set(title=str(name), xlabel="expert", ylabel="layer", yticks=range(grid_LE.shape[0]))
         ax.set_yticklabels(grid_LE.index)
-    fig.colorbar(im, ax=list(axes), label="E x load share (1 = balanced)")
+        _integer_ticks(ax, y=False)
+    fig.colorbar(im, ax=list(axes), label="load / fair share (1 = balanced)")
     fig.suptitle("Expert load per layer across checkpoints")
     return _save(fig, path)
 
 
 def coactivation_heatmaps(coact: pd.DataFrame, path: Path) -> Path:
-    """Per layer, row i / column j: share of expert i's tokens that expert j also processed (OLMoE)."""
+    """Per layer, row i / column j: % of expert i's tokens that expert j also processed (OLMoE)."""
     layers = sorted(coact["layer"].unique())
     size = max(3.6, 0.25 * coact["expert"].nunique() + 1.2)
     fig, axes = _figure(len(layers), size, size - 0.3)
-    vmax = max(float(coact["coactivation"].max()), 1e-6)
+    vmax = max(100 * float(coact["coactivation"].max()), 1e-4)
     for ax, layer in zip(axes, layers):
         rows = coact[coact["layer"] == layer]
         num_experts = int(max(rows["expert"].max(), rows["other"].max())) + 1
-        grid_EE = rows.pivot(index="expert", columns="other", values="coactivation")
+        grid_EE = 100 * rows.pivot(index="expert", columns="other", values="coactivation")
         grid_EE = grid_EE.reindex(index=range(num_experts), columns=range(num_experts))  # diagonal: NaN, drawn blank
         im = ax.imshow(grid_EE.to_numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
-        _annotate(ax, im, grid_EE.to_numpy(), ".0f", scale=100, limit=100)
+        _annotate(ax, im, grid_EE.to_numpy(), ".0f", limit=100)
         ax.set(title=f"layer {layer}", xlabel="co-activated expert j", ylabel="expert i")
-    fig.colorbar(im, ax=list(axes), label="N(i, j) / N(i)")
-    fig.suptitle("Expert co-activation (numbers in %)")
+        _integer_ticks(ax)
+    _percent_colorbar(fig, im, axes, "N(i, j) / N(i): % of expert i's tokens")
+    fig.suptitle("Expert co-activation (%)")
     return _save(fig, path)
 
 
 def specialisation_heatmaps(spec: pd.DataFrame, path: Path, what: str = "domain") -> Path:
-    """Per layer, group x expert: share of the group's tokens each expert processed; white is the
+    """Per layer, group x expert: % of the group's tokens each expert processed; white is the
     uniform K / E of an unspecialised router, red above, blue below (OLMoE's domain specialisation)."""
     from matplotlib.colors import TwoSlopeNorm
 
     layers = sorted(spec["layer"].unique())
-    uniform = float(spec["uniform"].iloc[0])
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(2 * uniform, float(spec["share"].max())))
+    uniform = 100 * float(spec["uniform"].iloc[0])
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(min(2 * uniform, 100.0), 100 * float(spec["share"].max()), uniform + 1e-3))
     groups = list(dict.fromkeys(spec["group"]))
     width = max(4.4, 0.3 * spec["expert"].nunique() + 2.5)  # room for the group names
     fig, axes = _figure(len(layers), width, 0.32 * len(groups) + 1.8, max_cols=2)
     for ax, layer in zip(axes, layers):
-        grid_NE = spec[spec["layer"] == layer].pivot(index="group", columns="expert", values="share").reindex(groups)
+        grid_NE = 100 * spec[spec["layer"] == layer].pivot(index="group", columns="expert", values="share").reindex(groups)
         im = ax.imshow(grid_NE.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
-        _annotate(ax, im, grid_NE.to_numpy(), ".0f", scale=100)
-        ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(grid_NE.shape[1]), yticks=range(len(groups)))
+        _annotate(ax, im, grid_NE.to_numpy(), ".0f")
+        ax.set(title=f"layer {layer}", xlabel="expert", yticks=range(len(groups)))
         ax.set_yticklabels(groups)
-    fig.colorbar(im, ax=list(axes), label=f"share of the {what}'s tokens (uniform = {uniform:.3f})")
-    fig.suptitle(f"Expert specialisation by {what} (numbers in %)")
+        _integer_ticks(ax, y=False)
+    _percent_colorbar(fig, im, axes, f"% of the {what}'s tokens")
+    fig.suptitle(f"Expert specialisation by {what} (% of its tokens; white = uniform K / E = {uniform:.0f}%)")
     return _save(fig, path)
 
 
 def saturation_curve(sat: pd.DataFrame, path: Path, baseline: float | None = None) -> Path:
-    """Router saturation of each checkpoint against the last one, per layer and averaged (OLMoE)."""
+    """Router saturation (%) of each checkpoint against the last one, per layer and averaged, over the
+    training step (OLMoE). ``baseline``: the chance level K / E as a fraction (default: the table's)."""
+    from matplotlib.ticker import PercentFormatter
+
     fig, (ax,) = _figure(1, 6.5, 3.8)
-    order = sat.drop_duplicates("index").sort_values("index")
+    x = "step" if "step" in sat else "index"
     for layer, rows in sat.groupby("layer"):
-        ax.plot(rows["index"], rows["saturation"], marker="o", alpha=0.6, label=f"layer {layer}")
-    mean = sat.groupby("index")["saturation"].mean()
-    ax.plot(mean.index, mean.to_numpy(), color="black", linewidth=2.5, label="mean")
+        ax.plot(rows[x], 100 * rows["saturation"], marker="o", alpha=0.6, label=f"layer {layer}")
+    mean = sat.groupby(x)["saturation"].mean()
+    ax.plot(mean.index, 100 * mean.to_numpy(), color="black", linewidth=2.5, label="mean")
+    if baseline is None and "chance" in sat:
+        baseline = float(sat["chance"].mean())
     if baseline is not None:
-        ax.axhline(baseline, color="grey", linestyle="--", label="random (K / E)")
-    ax.set(xticks=order["index"], ylim=(0, 1.02), xlabel="checkpoint", ylabel="|top-k ∩ top-k final| / k")
-    ax.set_xticklabels(order["checkpoint"], rotation=30, ha="right")
+        ax.axhline(100 * baseline, color="grey", linestyle="--", label=f"chance (K / E = {baseline:.0%})")
+    ax.set(ylim=(0, 102), xlabel="training step" if x == "step" else "checkpoint",
+           ylabel="top-k shared with the final router")
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    if x == "index":
+        order = sat.drop_duplicates("index").sort_values("index")
+        ax.set_xticks(order["index"], order["checkpoint"], rotation=30, ha="right")
     ax.legend(fontsize=7, ncols=2)
     ax.set_title("Router saturation against the final checkpoint")
     return _save(fig, path)

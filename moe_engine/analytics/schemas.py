@@ -110,7 +110,9 @@ TOKEN_SPECIALISATION = DataFrameSchema(
         "expert": _count(),
         "count": _count(),
         "occurrences": Column(int, Check.gt(0)),
-        "share": _unit(),
+        "share": _unit(),  # of the token's occurrences
+        "expert_share": _unit(),  # of all the layer's tokens
+        "lift": Column(float, Check.gt(0)),  # share / expert_share: 1 is no preference
     },
     strict=True,
     coerce=True,
@@ -127,12 +129,29 @@ SATURATION = DataFrameSchema(
     {
         "checkpoint": Column(str),
         "index": _count(),  # position in the checkpoint sequence; the last is the reference
+        "step": _count(),  # training step from the checkpoint's name, else the index
         "layer": _count(),
         "saturation": _unit(),
+        "chance": _unit(),  # K / E: two independent uniform routers
     },
     strict=True,
     coerce=True,
     unique=["index", "layer"],
+)
+
+HEALTH = DataFrameSchema(
+    {
+        "layer": _count(),
+        "verdict": Column(str, Check.isin(["balanced", "imbalanced", "collapsed"])),
+        "load_imbalance": Column(float, _NONNEG),
+        "imbalance_of_ceiling": _unit(),  # (load_imbalance - 1) / (E / K - 1)
+        "dead_expert_fraction": _unit(),
+        "routing_entropy": _unit(nullable=True),
+        "reasons": Column(str),
+    },
+    strict=True,
+    coerce=True,
+    unique=["layer"],
 )
 
 

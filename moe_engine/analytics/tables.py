@@ -5,6 +5,7 @@ expert pair, per group x expert; the metrics come from ``metrics.py``."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import pandas as pd
@@ -151,7 +152,11 @@ def specialisation_table(rec, by: str = "domain") -> pd.DataFrame:
 
 def token_table(rec, min_count: int = 1) -> pd.DataFrame:
     """OLMoE's vocabulary specialisation: for each token id seen at least ``min_count`` times, the
-    share of its occurrences each expert processed (rows with no assignment are left out)."""
+    share of its occurrences each expert processed (rows with no assignment are left out), the
+    expert's share of all the layer's tokens, and their ratio, the lift: 1 when the expert takes the
+    token no more often than any token, 1 / expert_share when it takes every occurrence. Ranking by
+    share alone puts rare tokens that happened to meet one expert first (every top entry 100%); lift
+    asks whether the expert prefers the token (the association-rule lift of Brin et al. 1997)."""
     frames = []
     for i in _layers(rec):
         d = rec.layer_data(i)
@@ -159,14 +164,18 @@ def token_table(rec, min_count: int = 1) -> pd.DataFrame:
             raise ValueError("no token ids recorded: call the model with input_ids inside the recorder")
         vocab_V, group_T = torch.unique(d.token_ids_T, return_inverse=True)
         counts_VE, occ_V = M.group_counts(d.member_TE, group_T, len(vocab_V))
+        expert_share_E = d.counts_E / max(d.num_tokens, 1)
         v, e = torch.nonzero((counts_VE > 0) & (occ_V[:, None] >= min_count), as_tuple=True)
+        share = counts_VE[v, e] / occ_V[v]
         frames.append(pd.DataFrame({
             "layer": i,
             "token_id": vocab_V[v].numpy(),
             "expert": e.numpy(),
             "count": counts_VE[v, e].long().numpy(),
             "occurrences": occ_V[v].long().numpy(),
-            "share": (counts_VE[v, e] / occ_V[v]).numpy(),
+            "share": share.numpy(),
+            "expert_share": expert_share_E[e].numpy(),
+            "lift": (share / expert_share_E[e]).numpy(),  # > 0: the expert processed the token, so its share is > 0
         }))
     return schemas.validate(schemas.TOKEN_SPECIALISATION, pd.concat(frames, ignore_index=True))
 
@@ -184,17 +193,72 @@ def consistency_table(rec) -> pd.DataFrame:
     return schemas.validate(schemas.CONSISTENCY, pd.DataFrame(rows, columns=["layer", "other_layer", "consistency"]))
 
 
+def checkpoint_steps(checkpoints: Sequence[str]) -> list[int]:
+    """Training steps of checkpoints named like the trainer's snapshots (``step_00000100``, ``step100``,
+    ``ckpt-300``: the trailing number), for a numeric x axis; their positions 0, 1, ... when a name
+    has no trailing number or the numbers do not increase (then they are not steps)."""
+    found = [re.search(r"(\d+)$", str(name).rstrip("/")) for name in checkpoints]
+    steps = [int(m.group(1)) if m else None for m in found]
+    if None in steps or any(b <= a for a, b in zip(steps, steps[1:])):
+        return list(range(len(checkpoints)))
+    return steps
+
+
 def saturation_table(recorders: Sequence, checkpoints: Sequence[str]) -> pd.DataFrame:
-    """OLMoE's router saturation of each checkpoint against the last one (metrics.router_saturation).
-    The recorders must have seen the same tokens in the same order."""
+    """OLMoE's router saturation of each checkpoint against the last one (metrics.router_saturation),
+    with the training step (``checkpoint_steps``) and the chance level K / E of two independent
+    uniform routers. The recorders must have seen the same tokens in the same order."""
     if len(recorders) != len(checkpoints) or not recorders:
         raise ValueError("give one checkpoint name per recorder, at least one")
     final, rows = recorders[-1], []
+    steps = checkpoint_steps([str(c) for c in checkpoints])
     for index, (rec, name) in enumerate(zip(recorders, checkpoints)):
         for i in _layers(final):
             d, f = rec.layer_data(i), final.layer_data(i)
             if d.num_tokens != f.num_tokens or d.num_experts != f.num_experts:
                 raise ValueError(f"checkpoint {name!r} layer {i} saw other tokens or experts than the final one")
-            rows.append({"checkpoint": str(name), "index": index, "layer": i,
-                         "saturation": M.router_saturation(d.chosen_TE, f.chosen_TE, f.top_k).item()})
+            rows.append({"checkpoint": str(name), "index": index, "step": steps[index], "layer": i,
+                         "saturation": M.router_saturation(d.chosen_TE, f.chosen_TE, f.top_k).item(),
+                         "chance": M.uniform_share(f.top_k, f.num_experts)})
     return schemas.validate(schemas.SATURATION, pd.DataFrame(rows))
+
+
+# A layer's health from its load and router entropy. The thresholds are this project's rules of thumb,
+# not a published standard: MaxVio = load_imbalance - 1 (Wang et al. 2024, DeepSeek's aux-loss-free
+# balancing) above 0.5 is a clear imbalance, and an imbalance 3/4 of the way to its ceiling E / K (every
+# token sent to the same K experts) or a quarter of the experts without a token is a collapse (the
+# self-reinforcing state Shazeer et al. 2017, sec. 4, describe).
+IMBALANCED_LOAD = 1.5  # load_imbalance (max / mean tokens per expert) at or above this: imbalanced
+COLLAPSED_LOAD = 0.75  # (load_imbalance - 1) / (E / K - 1) at or above this: collapsed
+COLLAPSED_DEAD = 0.25  # dead_expert_fraction at or above this: collapsed
+UNDECIDED_ENTROPY = 0.95  # routing_entropy (normalised by log E) at or above this: near-uniform router
+
+
+def health_table(layers: pd.DataFrame) -> pd.DataFrame:
+    """One verdict per layer of a ``layer_table``: collapsed, imbalanced or balanced (thresholds above),
+    the normalised imbalance and the reasons in words, entropy included (a near-uniform router routes
+    almost at random: typical at initialisation, a warning late in training)."""
+    rows = []
+    for r in layers.to_dict("records"):
+        ceiling = r["num_experts"] / r["top_k"]
+        span = (r["load_imbalance"] - 1) / (ceiling - 1) if ceiling > 1 else 0.0
+        dead = r["dead_expert_fraction"]
+        reasons = []
+        if dead >= COLLAPSED_DEAD or span >= COLLAPSED_LOAD:
+            verdict = "collapsed"
+        elif dead > 0 or r["load_imbalance"] >= IMBALANCED_LOAD:
+            verdict = "imbalanced"
+        else:
+            verdict = "balanced"
+        if dead > 0:
+            reasons.append(f"{dead:.0%} of experts get no token")
+        if r["load_imbalance"] >= IMBALANCED_LOAD:
+            reasons.append(f"busiest expert {r['load_imbalance']:.2f}x its fair share "
+                           f"({span:.0%} of the way to all tokens on the same {r['top_k']})")
+        entropy = r.get("routing_entropy", math.nan)
+        if entropy == entropy and entropy >= UNDECIDED_ENTROPY:
+            reasons.append(f"router probabilities near uniform (entropy {entropy:.3f} of log E)")
+        rows.append({"layer": r["layer"], "verdict": verdict, "load_imbalance": r["load_imbalance"],
+                     "imbalance_of_ceiling": min(max(span, 0.0), 1.0), "dead_expert_fraction": dead,
+                     "routing_entropy": entropy, "reasons": "; ".join(reasons) or "load within the thresholds"})
+    return schemas.validate(schemas.HEALTH, pd.DataFrame(rows))

@@ -5,6 +5,11 @@ control characters (binary data), its sha1 (duplicates), and after tokenization 
 count and id range. pandera checks the rules and gives the readable summary (rule, count,
 files, examples) that stops the stage; the same rules as a Great Expectations suite give an
 HTML Data Docs report to read in a browser. Both run on the same DataFrame, so they agree.
+
+The report folder's ``index.html`` is a self-contained summary page (per-domain sizes and token
+counts, each rule with its limit, observed value and result) that reads offline; Great
+Expectations' own Data Docs sit beside it in ``data_docs/`` (their CSS and scripts come from CDNs,
+so offline they show unstyled and their index lists no rows).
 """
 
 from __future__ import annotations
@@ -197,6 +202,77 @@ def great_expectations_report(df: pd.DataFrame, cfg: ValidationConfig, vocab_siz
     return failures, Path(report_dir) / "index.html"
 
 
+def _observed(df: pd.DataFrame, rule: str) -> str:
+    """The value a rule limits, as the summary page shows it."""
+    non_empty = df.loc[~df["is_empty"], "n_chars"] if len(df) else df["n_chars"]
+    values = {
+        "min_documents": lambda: f"{len(df):,} documents",
+        "empty_documents": lambda: f"{df['is_empty'].mean():.4f}",
+        "duplicate_share": lambda: f"{df['is_duplicate'].mean():.4f}",
+        "non_utf8_share": lambda: f"{df['non_utf8'].mean():.4f}",
+        "binary_content": lambda: f"max {df['control_share'].max():.4%}",
+        "length_bounds": lambda: f"{non_empty.min():,} to {non_empty.max():,} characters" if len(non_empty) else "no text",
+        "token_id_below_vocab": lambda: f"max id {int(df['max_token_id'].max()):,}",
+        "token_id_nonnegative": lambda: f"min id {int(df['min_token_id'].min()):,}",
+        "has_tokens": lambda: f"min {int(df['n_tokens'].min()):,} tokens",
+    }
+    return values[rule]() if rule in values and len(df) else ""
+
+
+def _domain_table(df: pd.DataFrame) -> pd.DataFrame:
+    columns = {"documents": ("n_chars", "size"), "characters": ("n_chars", "sum"), "bytes": ("n_bytes", "sum")}
+    if "n_tokens" in df:
+        columns["tokens"] = ("n_tokens", "sum")
+    columns |= {"empty": ("is_empty", "sum"), "duplicates": ("is_duplicate", "sum"), "invalid UTF-8": ("non_utf8", "sum")}
+    table = df.groupby("domain").agg(**columns).reset_index()
+    total = {"domain": "all", **{k: table[k].sum() for k in columns}}
+    return pd.concat([table, pd.DataFrame([total])], ignore_index=True).astype({k: "int64" for k in columns})
+
+
+def write_rules_page(path: Path, title: str, rules: dict[str, tuple[str, str]], failures: list[RuleFailure],
+                     sections: list[tuple[str, pd.DataFrame]], note: str = "", meta: dict | None = None,
+                     data_docs: Path | None = None) -> Path:
+    """A self-contained validation page: ``rules`` maps each rule to (its limit, the value observed),
+    shown with pass / fail, how many rows failed and examples; failures of rules not listed (schema
+    checks) are added; then ``sections`` (heading, table). Links the Great Expectations ``data_docs``."""
+    from moe_engine.analytics.report import Link, Table, run_meta, write_report
+
+    failed = {f.rule: f for f in failures}
+    rows = [{"rule": rule, "limit": limit, "observed": observed, "result": "fail" if rule in failed else "pass",
+             "failing": failed[rule].count if rule in failed else 0,
+             "examples": "; ".join(failed[rule].examples) if rule in failed else ""}
+            for rule, (limit, observed) in rules.items()]
+    rows += [{"rule": f.rule, "limit": f.description, "observed": "", "result": "fail", "failing": f.count,
+              "examples": "; ".join(f.examples)} for f in failures if f.rule not in rules]
+    verdict = f"{len(failures)} rule(s) broken" if failures else f"all {len(rows)} rules passed"
+    page_meta: dict[str, object] = {**run_meta(), **(meta or {}), "result": verdict}
+    if data_docs is not None:
+        href = Path(data_docs).resolve().relative_to(Path(path).resolve().parent).as_posix()
+        page_meta["Great Expectations Data Docs"] = Link(f"{href} (the same rules as an expectation suite; their "
+                                                         "styles and scripts load from CDNs, so offline they show bare)", href)
+    blocks = [("h2", "Rules"), ("p", "Each rule with its limit, the value observed and its result. " + note),
+              ("table", Table(pd.DataFrame(rows)))]
+    for heading, table in sections:
+        blocks += [("h2", heading), ("table", table)]
+    return write_report(path, f"{title}: {verdict}", page_meta, blocks)
+
+
+def write_summary_page(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int | None, failures: list[RuleFailure],
+                       path: Path, data_docs: Path | None = None) -> Path:
+    """The data stage's page (see the module docstring): its rules (params.yaml data.validation), the
+    per-domain and per-file sizes and token counts."""
+    rules = {"min_documents": f"at least {cfg.min_documents} document(s)",
+             **{rule: desc for rule, (_, desc, _) in _rules(cfg, vocab_size).items()}}
+    files = df.groupby(["source", "domain"]).agg(documents=("n_chars", "size"), characters=("n_chars", "sum"),
+                                                 **({"tokens": ("n_tokens", "sum")} if "n_tokens" in df else {})).reset_index()
+    return write_rules_page(
+        path, "Data validation", {rule: (limit, _observed(df, rule)) for rule, limit in rules.items()}, failures,
+        [("Per domain", _domain_table(df)), ("Per source file", files)],
+        note="Limits are params.yaml data.validation; share rules count documents, and a document is empty when it "
+             "has no text after stripping.",
+        meta={"documents": f"{len(df):,} in {df['domain'].nunique()} domain(s)"}, data_docs=data_docs)
+
+
 def validate_documents(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int | None = None,
                        report_dir: str | Path | None = None) -> dict[str, Any]:
     """Check the table with pandera (and GE + Data Docs when `report_dir` is given and
@@ -205,8 +281,9 @@ def validate_documents(df: pd.DataFrame, cfg: ValidationConfig, vocab_size: int 
     failures = pandera_failures(df, cfg, vocab_size)
     report = None
     if report_dir is not None and cfg.data_docs:
-        ge_failures, report = great_expectations_report(df, cfg, vocab_size, Path(report_dir))
+        ge_failures, docs = great_expectations_report(df, cfg, vocab_size, Path(report_dir) / "data_docs")
         failures = failures or ge_failures  # pandera's summary is the more detailed one
+        report = write_summary_page(df, cfg, vocab_size, failures, Path(report_dir) / "index.html", docs)
     if failures:
         raise DataValidationError(failures, str(report) if report else None)
     summary = {

@@ -69,6 +69,13 @@ def test_report_shows_domain_specialisation_and_saturation(trained, capsys):
     sat = pd.read_csv(out / "saturation.csv").groupby("index")["saturation"].mean()
     assert sat.iloc[-1] == 1.0 and sat.iloc[0] < sat.iloc[-2] < 1.0  # routing settles towards the final one
     assert sat.iloc[0] == pytest.approx(2 / 8, abs=0.1)  # at init it agrees with the final router by chance (K/E)
+    import json
+
+    summary = json.loads((out / "metrics.json").read_text())["router"]  # DVC metrics: a short nested summary
+    layers = pd.read_csv(out / "layer_metrics.csv")
+    assert summary["layers"] == len(layers) == summary["balanced"] + summary["imbalanced"] + summary["collapsed"]
+    assert summary["load_imbalance_max"] == pytest.approx(layers["load_imbalance"].max())
+    assert pd.read_csv(out / "saturation.csv").drop_duplicates("index")["step"].tolist() == list(CHECKPOINTS)
     loads = pd.read_csv(out / "expert_load.csv")
     assert list(dict.fromkeys(loads["checkpoint"])) == [f"step{s}" for s in CHECKPOINTS]
 
@@ -85,7 +92,7 @@ def test_text_folder_and_tokenizer_input(tmp_path, corpus_dir, gpt2_dir, capsys)
     html = (tmp_path / "out" / "report.html").read_text()
     assert "kjv_bible (512)" in html and "sqlite_docs (512)" in html
     assert "saturation needs two or more" in html
-    assert re.search(r"'[^']*' \d+%", html)  # decoded tokens in the token-specialisation table
+    assert re.search(r"'[^']*' \d+\.\dx \(\d+% of \d+\)", html)  # decoded tokens, ranked by lift
     assert not (tmp_path / "out" / "saturation.png").exists()
 
 

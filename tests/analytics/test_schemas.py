@@ -42,6 +42,6 @@ def test_pair_of_an_expert_with_itself_fails():
 
 
 def test_duplicate_layer_rows_fail():
-    row = {"checkpoint": "a", "index": 0, "layer": 0, "saturation": 0.5}
+    row = {"checkpoint": "a", "index": 0, "step": 0, "layer": 0, "saturation": 0.5, "chance": 0.25}
     with pytest.raises(pa.errors.SchemaErrors):
         schemas.validate(schemas.SATURATION, pd.DataFrame([row, row]))
