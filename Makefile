@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup demo test test-fast clean
+.PHONY: help setup demo test test-fast clean browser
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,10 +43,13 @@ demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow
 	@echo "== router analytics: outputs/analyze/report.html   data report: outputs/data/validation/index.html"
 	@echo "== benchmark gate: outputs/gate/report.md   MLflow UI: make mlflow-ui   lineage: $(BIN)/moe-lab lineage models:/moe-lab@champion"
 
-test: setup  ## run the whole test suite
+browser:  ## headless Chromium (Debian's package) for the browser tests of the reports, if missing
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+
+test: setup browser  ## run the whole test suite
 	$(BIN)/python -m pytest -q
 
-test-fast: setup  ## skip the slow tests
+test-fast: setup browser  ## skip the slow tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:  ## remove outputs (keeps .venv)

@@ -237,7 +237,7 @@ def validate_records(records: list[dict], encoder: TaskEncoder, cfg: TaskConfig,
             examples = tuple(f"{source} record {i + 1}: {column} = {df.loc[i, column]}; prompt {records[i]['prompt'][:60]!r}"
                              for i in rows[:3])
             failures.append(RuleFailure(check, rules[check][1], len(rows), (source,), examples))
-    report = _data_docs(df, cfg, rules, report_dir) if report_dir is not None else None
+    report = _summary_page(df, cfg, rules, failures, source, Path(report_dir)) if report_dir is not None else None
     if failures:
         raise DataValidationError(failures, str(report) if report else None)
     return {"records": int(len(df)), "duplicate_share": float(df["is_duplicate"].mean()),
@@ -248,6 +248,29 @@ def validate_records(records: list[dict], encoder: TaskEncoder, cfg: TaskConfig,
 def fitting(records: list[dict], encoder: TaskEncoder) -> list[dict]:
     """The records whose prompt leaves room for a response in ``max_length`` tokens."""
     return [r for r in records if len(encoder.prompt_ids(r["prompt"])) < encoder.max_length]
+
+
+def _summary_page(df, cfg: TaskConfig, rules: dict, failures: list[RuleFailure], source: str, report_dir: Path) -> Path:
+    """``report_dir/index.html``: each rule with its limit, observed value and result, the record sizes; a
+    self-contained page that reads offline. Great Expectations' Data Docs go to ``report_dir/data_docs``."""
+    import pandas as pd
+
+    from moe_engine.data.validate import write_rules_page
+
+    docs = _data_docs(df, cfg, rules, report_dir / "data_docs")
+    observed = {"empty_prompt": f"min {df['prompt_chars'].min():,} characters",
+                "empty_response": f"min {df['response_chars'].min():,} characters",
+                "prompt_fits_context": f"{(~df['fits']).sum():,} of {len(df):,} prompts too long (max {df['prompt_tokens'].max():,} tokens)",
+                "duplicate_share": f"{df['is_duplicate'].mean():.4f}"}
+    limits = {"min_records": (f"at least {cfg.min_records} training records", f"{len(df):,} records"),
+              **{name: (description, observed[name]) for name, (_, description, _) in rules.items()}}
+    sizes = pd.DataFrame([{"source": source, "records": len(df), "prompt characters": int(df["prompt_chars"].sum()),
+                           "response characters": int(df["response_chars"].sum()),
+                           "prompt tokens, mean": float(df["prompt_tokens"].mean()), "prompt tokens, max": int(df["prompt_tokens"].max()),
+                           "duplicates": int(df["is_duplicate"].sum())}])
+    return write_rules_page(report_dir / "index.html", "Task data validation", limits, failures, [("Records", sizes)],
+                            note="Limits are params.yaml finetune.task.", meta={"records": f"{len(df):,} from {source}"},
+                            data_docs=docs)
 
 
 def _data_docs(df, cfg: TaskConfig, rules: dict, report_dir: Path) -> Path:

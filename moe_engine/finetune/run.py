@@ -104,6 +104,7 @@ def _finetune_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokeni
     train, test, source = load_task(data, cfg.task)
     with atomic_output(out / "validation") as report:
         summary = validate_records(train, encoder, cfg.task, str(data), report)
+    summary["report"] = str(out / "validation" / "index.html")  # where it is now, not the temporary it was built in
     if not test:
         raise InputError(f"task data {data} has no held-out records (test.* file, or test_fraction); nothing to evaluate on")
     validate_records(test, encoder, cfg.task.replace(min_records=1, max_duplicate_share=1.0), f"{data} (held-out records)")
