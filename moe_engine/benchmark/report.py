@@ -71,7 +71,8 @@ def _training_flops(model_dir: Path) -> float | None:
     """From the metrics.json `moe-lab pretrain` writes beside its model/ folder, when there is one."""
     path = Path(model_dir).parent / "metrics.json"
     try:
-        value = json.loads(path.read_text()).get("train_flops")
+        saved = json.loads(path.read_text())
+        value = (saved.get("cost") or {}).get("train_flops", saved.get("train_flops"))
     except (OSError, ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, (int, float)) else None

@@ -125,10 +125,15 @@ def comparison_table(moe: dict, dense: dict, moe_train: dict, dense_train: dict)
     def fmt(x, spec="{:.4f}"):
         return spec.format(x) if isinstance(x, (int, float)) else "-"
 
-    rows.append(("params total", fmt(moe_train.get("params_total"), "{:,}"), fmt(dense_train.get("params_total"), "{:,}")))
-    rows.append(("params active / token", fmt(moe_train.get("params_active"), "{:,}"), fmt(dense_train.get("params_active"), "{:,}")))
-    rows.append(("training FLOPs", fmt(moe_train.get("train_flops"), "{:.3e}"), fmt(dense_train.get("train_flops"), "{:.3e}")))
-    rows.append(("tokens trained", fmt(moe_train.get("tokens_trained"), "{:,}"), fmt(dense_train.get("tokens_trained"), "{:,}")))
+    g = lambda m, section, key: (m.get(section) or {}).get(key)  # noqa: E731 - pretrain's nested metrics.json
+    rows.append(("params total", fmt(g(moe_train, "size", "params_total"), "{:,}"), fmt(g(dense_train, "size", "params_total"), "{:,}")))
+    rows.append(("params active / token", fmt(g(moe_train, "size", "params_active"), "{:,}"),
+                 fmt(g(dense_train, "size", "params_active"), "{:,}")))
+    rows.append(("training FLOPs", fmt(g(moe_train, "cost", "train_flops"), "{:.3e}"), fmt(g(dense_train, "cost", "train_flops"), "{:.3e}")))
+    rows.append(("tokens trained", fmt(g(moe_train, "cost", "tokens_trained"), "{:,}"),
+                 fmt(g(dense_train, "cost", "tokens_trained"), "{:,}")))
+    rows.append(("training tokens/s", fmt(g(moe_train, "throughput", "tokens_per_s"), "{:,.0f}"),
+                 fmt(g(dense_train, "throughput", "tokens_per_s"), "{:,.0f}")))
     for key in ("val_loss", "val_perplexity", "ood_loss", "ood_perplexity"):
         rows.append((key, fmt(moe.get(key)), fmt(dense.get(key))))
     for name in sorted(moe["domains"]):
@@ -150,8 +155,8 @@ def run(data_dir: Path, moe_dir: Path, out_dir: Path, dense_dir: Path | None = N
         dense_train = _train_metrics(dense_dir)
         dense = evaluate_model(Path(dense_dir) / "model", data_dir, batch_size, max_sequences, expect_moe=False)
         metrics["dense"] = {k: v for k, v in dense.items() if k != "domains"}
-        if "val_loss" in moe and "val_loss" in dense:
-            metrics["moe_minus_dense_val_loss"] = moe["val_loss"] - dense["val_loss"]
+        metrics["moe_minus_dense"] = {key: moe[f"{key}_loss"] - dense[f"{key}_loss"] for key in ("val", "ood")
+                                      if f"{key}_loss" in moe and f"{key}_loss" in dense}
         csv += [f"dense,{d},{v['split']},{v['loss']:.6f}" for d, v in sorted(dense["domains"].items())]
         table = comparison_table(moe, dense, moe_train, dense_train)
     else:

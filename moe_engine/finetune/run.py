@@ -87,7 +87,7 @@ def finetune(base: str | Path, data: str | Path, out_dir: str | Path = "outputs/
     from moe_engine.io import write_json, write_text
 
     write_text(out_dir / "compare.md", compare_table({m: r.metrics for m, r in results.items()}))
-    write_json(out_dir / "metrics.json", {m: r.metrics for m, r in results.items()})
+    write_json(out_dir / "metrics.json", {m: dvc_metrics(r.metrics) for m, r in results.items()})
     return results
 
 
@@ -205,14 +205,30 @@ def _outputs(loop, cfg, out: Path, tok, metrics, selected, scores) -> FinetuneRe
         write_json(out / "experts.json", {"score": cfg.esft.score, "threshold": cfg.esft.threshold, "selected": selected,
                                           "scores": {layer: {k: v.tolist() for k, v in s.items()} for layer, s in scores.items()}})
         result.artifacts.append((out / "experts.json", None))
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "report.json", metrics)  # everything, examples and sources included
+    write_json(out / "metrics.json", dvc_metrics(metrics))  # numbers only, nested for `dvc metrics show`
     write_text(out / "compare.md", compare_table({cfg.method: metrics}))
-    result.artifacts += [(out / "metrics.json", None), (out / "compare.md", None), (out / "history.csv", None)]
+    result.artifacts += [(out / "metrics.json", None), (out / "report.json", None), (out / "compare.md", None),
+                         (out / "history.csv", None)]
     if adapter_dir is not None:
         result.artifacts.append((adapter_dir, "adapter"))
     if model_dir is not None:
         result.artifacts.append((model_dir, "model"))
     return result
+
+
+def dvc_metrics(m: dict) -> dict:
+    """The numbers of a fine-tune's report, nested by what they measure (`dvc metrics show` / `diff`)."""
+    b, a = m["before"], m["after"]
+    both = lambda key: {f"{key}_before": b.get(key), f"{key}_after": a.get(key)}  # noqa: E731
+    return {
+        "task": {**both("task_loss"), **both("task_token_accuracy"), **both("exact_match")},
+        "retention": {**both("val_loss"), **both("ood_loss")},
+        "train": {"steps": m["steps"], "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
+                  "seconds": m["train_seconds"]},
+        "params": {"trainable": m["trainable_params"], "total": m["total_params"]},
+        "router": {"drift_mean": m["router_drift"]["mean"], "unchanged": int(bool(m["router_unchanged"]))},
+    }
 
 
 def _final(metrics: dict) -> dict[str, float]:

@@ -264,23 +264,28 @@ class Trainer:
             model_dir=model_dir, metrics=m, mlflow_run_id=mlflow_cb.run_id if mlflow_cb else None)
         if loop.rank != 0:
             return result
-        summary = {"final_loss": loop.losses[-1] if loop.losses else None, "val_loss": val_loss, "ood_loss": ood_loss,
-                   "tokens_per_s": result.tokens_per_s, "steps": cfg.steps,
-                   "params_total": loop.param_counts.total, "params_active": loop.param_counts.active,
-                   "flops_per_token": loop.flops_per_token, "tokens_trained": loop.tokens_per_step * cfg.steps,
-                   "train_flops": loop.flops_per_token * loop.tokens_per_step * cfg.steps}
-        for key in ("mfu", "usd_per_million_tokens", "tflops_per_s"):
-            if f"cost/{key}" in m:
-                summary[key] = m[f"cost/{key}"]
+        # nested, so `dvc metrics show` / `dvc metrics diff` group them: loss, throughput, size, cost
+        summary = {
+            "steps": cfg.steps,
+            "loss": {"train_final": loop.losses[-1] if loop.losses else None, "val": val_loss, "ood": ood_loss},
+            "throughput": {"tokens_per_s": result.tokens_per_s, "tflops_per_s": m.get("cost/tflops_per_s"),
+                           "mfu": m.get("cost/mfu")},
+            "size": {"params_total": loop.param_counts.total, "params_active": loop.param_counts.active,
+                     "flops_per_token": loop.flops_per_token},
+            "cost": {"tokens_trained": loop.tokens_per_step * cfg.steps,
+                     "train_flops": loop.flops_per_token * loop.tokens_per_step * cfg.steps,
+                     "usd_per_million_tokens": m.get("cost/usd_per_million_tokens")},
+        }
         if not loop.losses and (self.out_dir / "metrics.json").exists():  # resumed at the last step: keep the record
             previous = json.loads((self.out_dir / "metrics.json").read_text())
-            summary.update({k: previous[k] for k in ("final_loss", "tokens_per_s") if k in previous})
+            summary["loss"]["train_final"] = previous.get("loss", {}).get("train_final")
+            summary["throughput"] = previous.get("throughput", summary["throughput"])
         write_json(self.out_dir / "metrics.json", summary)
         write_json(self.out_dir / "tokens_per_expert.json", result.tokens_per_expert)
         # who made model/: later stages (finetune) tag their MLflow runs with it for lineage
         write_json(self.out_dir / "run.json", {"stage": self.stage, "mlflow_run_id": result.mlflow_run_id,
                                                "data": str(self.data), "steps": cfg.steps})
-        result.final_metrics = {"val/loss": val_loss, "ood/loss": ood_loss, "train/final_loss": summary["final_loss"]}
+        result.final_metrics = {"val/loss": val_loss, "ood/loss": ood_loss, "train/final_loss": summary["loss"]["train_final"]}
         result.artifacts = [(self.out_dir / "metrics.json", None), (self.out_dir / "tokens_per_expert.json", None),
                             (self.out_dir / "history.csv", None)]
         if model_dir is not None:
@@ -312,9 +317,10 @@ class Trainer:
         history = [row["loss"] for row in read_history(out / "history.csv")] if (out / "history.csv").exists() else []
         print(f"{out} already holds this finished run ({self.config.steps} steps, {path.name}); nothing to do "
               "(pass --fresh to train it again)", file=sys.stderr)
-        return TrainResult(steps=self.config.steps, losses=history, val_loss=metrics.get("val_loss"),
-                           ood_loss=metrics.get("ood_loss"), tokens_per_expert=per_expert,
-                           tokens_per_s=metrics.get("tokens_per_s", 0.0), model_dir=out / "model", skipped=True)
+        return TrainResult(steps=self.config.steps, losses=history, val_loss=metrics.get("loss", {}).get("val"),
+                           ood_loss=metrics.get("loss", {}).get("ood"), tokens_per_expert=per_expert,
+                           tokens_per_s=metrics.get("throughput", {}).get("tokens_per_s") or 0.0, model_dir=out / "model",
+                           skipped=True)
 
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "dense_baseline", "warmup_cosine"]

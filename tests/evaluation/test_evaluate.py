@@ -29,7 +29,7 @@ def test_evaluate_stage_writes_metrics_plots_and_table(demo_data, tmp_path):
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == metrics
     assert math.isclose(saved["moe"]["val_perplexity"], math.exp(saved["moe"]["val_loss"]), rel_tol=1e-9)
-    assert saved["moe_minus_dense_val_loss"] == saved["moe"]["val_loss"] - saved["dense"]["val_loss"]
+    assert saved["moe_minus_dense"]["val"] == saved["moe"]["val_loss"] - saved["dense"]["val_loss"]
     csv = (tmp_path / "eval" / "domain_loss.csv").read_text().splitlines()
     assert csv[0] == "model,domain,split,loss" and any(line.startswith("moe,milton,ood") for line in csv)
     assert "training FLOPs" in (tmp_path / "eval" / "compare.md").read_text()

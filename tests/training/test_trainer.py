@@ -45,7 +45,8 @@ def test_training_lowers_the_loss_and_exports_a_stock_checkpoint(demo_data, tmp_
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, engine(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and metrics["tokens_per_s"] > 0
+    assert metrics["steps"] == 40 and metrics["throughput"]["tokens_per_s"] > 0
+    assert metrics["loss"]["val"] == result.val_loss and metrics["size"]["params_total"] > metrics["size"]["params_active"]
 
 
 def _train_cmd(data, out, steps):
