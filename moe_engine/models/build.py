@@ -67,5 +67,9 @@ def load(path: str | Path, *, router: dict | None = None, **from_pretrained_kwar
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path / 'config.json'} cannot be read as a transformers config: {exc}") from None
+    from moe_engine.quantize.format import load_quantized, quantization_of
+
+    if quantization_of(config) is not None:  # written by `moe-lab quantize`: quantized experts behind the seam
+        return load_quantized(path, config, router)
     model = _model_class(config).from_pretrained(path, use_safetensors=True, **from_pretrained_kwargs)
     return patch(model, **(router or {}))
