@@ -5,6 +5,8 @@
     model = me.patch(hf_model)                         # same weights, same outputs, engine layers
     trainer = me.Trainer(arch="mixtral", data=prepared_dir)  # the short path (DeepSpeed)
     trainer.fit()
+    me.quantize(model, bits=4)                         # int8/int4 experts in place; me.load reads the saved dir
+    me.export_onnx("model_dir", "out_dir")             # ONNX graphs checked against stock transformers
 
 Names resolve lazily, so ``import moe_engine`` is cheap and has no side effects.
 """
@@ -27,6 +29,8 @@ _EXPORTS = {
     "Routing": "moe_engine.moe.routing",
     "Trainer": "moe_engine.training.trainer",
     "PretrainConfig": "moe_engine.training.config",
+    "quantize": "moe_engine.quantize.quantize",
+    "export_onnx": "moe_engine.export.export",
 }
 
 __all__ = sorted(_EXPORTS)

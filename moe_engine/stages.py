@@ -35,6 +35,8 @@ COMMANDS = (
     "moe_engine.evaluation.cli",
     "moe_engine.analytics.cli",
     "moe_engine.gate.cli",
+    "moe_engine.quantize.cli",
+    "moe_engine.export.cli",
     "moe_engine.tracking.cli",
 )
 
