@@ -76,22 +76,31 @@ def _copy_model_files(model_dir: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def _fused_moe(stock, out: Path, config: ExportConfig) -> dict:
-    """Graphs with onnxruntime's ``com.microsoft::MoE`` for the CUDA provider (transformers' ``ort_fusions="cuda"``:
-    ``batched_mm`` experts fused with their softmax/top-k router)."""
-    import onnx
+def _check_fused_moe(config: ExportConfig, model_config) -> None:
+    """Before any export work: the fused MoE op needs a fixed onnxruntime and a softmax/top-k router."""
     import onnxruntime as ort
     from packaging.version import Version
+
+    if config.fused_moe != "cuda":
+        return
+    if Version(ort.__version__) < Version("1.28"):
+        raise ConfigError(f"export.fused_moe = cuda needs onnxruntime >= 1.28 (installed {ort.__version__}): before it the "
+                          "MoE op's swiglu used other constants than SwiGLU, silently")
+    if model_config.is_encoder_decoder:
+        raise ConfigError("export.fused_moe = cuda applies to decoder models (Switch's top-1 router with capacity is not "
+                          "onnxruntime's MoE); set export.fused_moe = none")
+
+
+def _fused_moe(stock, out: Path, config: ExportConfig) -> dict:
+    """Graphs with onnxruntime's ``com.microsoft::MoE`` for the CUDA provider (transformers' ``ort_fusions="cuda"``:
+    ``batched_mm`` experts fused with their softmax/top-k router; DeepSeek-V3's grouped sigmoid router is not
+    matched, so its experts stay plain ops)."""
+    import onnx
+    import onnxruntime as ort
 
     from moe_engine.export.graphs import export_graphs
     from moe_engine.models.adapters import ADAPTERS
 
-    if Version(ort.__version__) < Version("1.28"):
-        raise ConfigError(f"export.fused_moe = cuda needs onnxruntime >= 1.28 (installed {ort.__version__}): before it the "
-                          "MoE op's swiglu used other constants than SwiGLU, silently")
-    if stock.config.is_encoder_decoder:
-        raise ConfigError("export.fused_moe = cuda applies to decoder models (Switch's top-1 router with capacity is not "
-                          "onnxruntime's MoE); set export.fused_moe = none")
     graphs = export_graphs(stock, out, config, ort_fusions="cuda")
     block = ADAPTERS[stock.config.model_type].block_class
     expected = sum(type(m).__name__ == block for m in stock.modules())
@@ -118,6 +127,7 @@ def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quanti
         raise ConfigError("export.gate.enabled = true needs prepared shards for the quantized model's gate: pass --data DIR "
                           "or --set gate.enabled=false")
     stock = load_stock(model_dir, config.experts_implementation)
+    _check_fused_moe(config, stock.config)
     metrics: dict = {"versions": _versions(), "opset": config.opset, "experts_implementation": config.experts_implementation}
     with atomic_output(out_dir) as tmp:
         graphs = export_graphs(stock, tmp, config)
@@ -161,7 +171,7 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
     from moe_engine.models.build import load
     from moe_engine.quantize import gate as qgate
     from moe_engine.quantize.format import quantization_of, stock_model
-    from moe_engine.quantize.modules import dequantized_state_dict
+    from moe_engine.quantize.modules import IncompleteQuantization, dequantized_state_dict
 
     qmodel = load(quantized_dir)
     qc = quantization_of(qmodel.config)
@@ -172,7 +182,13 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
         plain.set_experts_implementation(config.experts_implementation)
     graphs = export_graphs(plain, out, config)
     arrays = quantized_arrays(qmodel)
-    replaced = {g.name: quantize_graph(g.path, arrays) for g in graphs}
+    replaced = {g.name: quantize_graph(g.path, arrays, require_all=g.name in ("model", "model_with_past")) for g in graphs}
+    parts = [r.pop("names") for name, r in replaced.items() if name in ("encoder", "decoder")]
+    if parts and set().union(*parts) != {qa.name for qa in arrays}:
+        missing = sorted({qa.name for qa in arrays} - set().union(*parts))
+        raise IncompleteQuantization(f"quantized weights in neither encoder.onnx nor decoder.onnx: {missing[:8]}")
+    for r in replaced.values():
+        r.pop("names", None)
     errors = parity(qmodel, graphs, config.parity)  # against the engine's quantized model: the same integers
     _check_parity(errors, config.parity.tolerance, "the quantized")
     fp32 = {g.name: _bytes(Graph(g.name, out.parent / g.path.name, [], [])) for g in graphs}

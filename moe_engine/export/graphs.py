@@ -18,6 +18,7 @@ weight gather per routed token), and for Switch the forward of ``export.switch``
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +178,25 @@ def export_graphs(model: nn.Module, out_dir: Path, config, *, prefix: str = "", 
                                                              "attention_mask": example["attention_mask"]},
                                       config, out_dir / f"{prefix}decoder.onnx", outputs_names=["logits"]))
         return graphs
-    graphs.append(_export(CausalLogits(model), example, config, out_dir / f"{prefix}model.onnx",
-                          outputs_names=["logits"], ort_fusions=ort_fusions))
+    if ort_fusions == "cuda":  # the fusion matches batched_mm experts (transformers sets it only on a model it exports itself)
+        with experts_implementation(model, "batched_mm"):
+            return _causal(model, out_dir, config, prefix, with_past, example, ort_fusions)
+    return _causal(model, out_dir, config, prefix, with_past, example, ort_fusions)
+
+
+@contextlib.contextmanager
+def experts_implementation(model: nn.Module, name: str):
+    original = model.get_experts_implementation()
+    model.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(original)
+
+
+def _causal(model, out_dir: Path, config, prefix: str, with_past: bool, example, ort_fusions) -> list[Graph]:
+    graphs = [_export(CausalLogits(model), example, config, out_dir / f"{prefix}model.onnx",
+                      outputs_names=["logits"], ort_fusions=ort_fusions)]
     if with_past:
         past = config.example_length
         ids = _example(model, config.example_batch, past + 3)["input_ids"]

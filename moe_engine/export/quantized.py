@@ -86,8 +86,12 @@ def _uint4(name: str, values: np.ndarray):
     return helper.make_tensor(name, TensorProto.UINT4, values.shape, packed.tobytes(), raw=True)
 
 
-def quantize_graph(path: Path, arrays: list[QuantArrays]) -> dict:
-    """Replace each quantized weight's float initializer in the ONNX file at ``path`` (in place)."""
+def quantize_graph(path: Path, arrays: list[QuantArrays], require_all: bool = True) -> dict:
+    """Replace each quantized weight's float initializer in the ONNX file at ``path`` (in place).
+
+    ``require_all``: the graph holds the whole model, so every quantized weight must be found (Switch's
+    encoder and decoder graphs hold a part each; their union is checked by the caller). Either way a
+    float initializer left with the shape of a quantized expert tensor raises."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -123,7 +127,11 @@ def quantize_graph(path: Path, arrays: list[QuantArrays]) -> dict:
                                           axis=axis, block_size=qa.group))
         by_digest = {k: v for k, v in by_digest.items() if v is not init}
         replaced[qa.kind] += 1
-    if missing:
+    expert_shapes = {s for qa in arrays if qa.kind == "experts" for s in (qa.ints.shape, np.swapaxes(qa.ints, -1, -2).shape)}
+    left = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) in expert_shapes]
+    if left:
+        raise IncompleteQuantization(f"{path.name}: float initializers shaped like expert weights are left: {left[:8]}")
+    if missing and require_all:
         kinds = {qa.name: qa.kind for qa in arrays}
         raise IncompleteQuantization(f"{path.name}: quantized weights not found in the graph (they would stay float): "
                                      + ", ".join(f"{n} ({kinds[n]})" for n in missing[:8]))
@@ -135,4 +143,5 @@ def quantize_graph(path: Path, arrays: list[QuantArrays]) -> dict:
     data = f"{path.name}.data"
     (path.parent / data).unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    replaced["names"] = [qa.name for qa in arrays if qa.name not in missing]
     return replaced
