@@ -51,8 +51,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quantized", type=Path, help="a `moe-lab quantize` model directory to export too (into OUT/quantized)")
     p.add_argument("--data", type=Path, help="prepared shards for the quantized ONNX model's perplexity gate")
     p.add_argument("--no-past", action="store_true", help="skip the generation graphs (model_with_past; Switch encoder/decoder)")
-    p.add_argument("--fused-moe", choices=("none", "cuda"), help="also write OUT/cuda/ with onnxruntime's fused MoE op for "
-                   "the CUDA provider (overrides export.fused_moe)")
+    p.add_argument("--fused-moe", choices=("none", "cuda", "cpu"), help="also write OUT/cuda/ or OUT/cpu/ with onnxruntime's "
+                   "fused MoE op for that provider (the CPU one is parity-checked here; overrides export.fused_moe)")
     p.add_argument("--params", type=Path, help="params.yaml to read the section from (default: the built-in defaults)")
     p.add_argument("--section", default="export", help="params.yaml section (default: export)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -4,7 +4,7 @@
       opset: 21                         # 21+ for the quantized graphs' blocked DequantizeLinear
       experts_implementation: grouped_mm   # transformers' exportable experts: grouped_mm | batched_mm
       with_past: true                   # also the generation graphs (decoder with past; Switch encoder + decoder)
-      fused_moe: none                   # cuda: also a graph with onnxruntime's com.microsoft::MoE for the CUDA EP
+      fused_moe: none                   # cuda | cpu: also graphs with onnxruntime's com.microsoft::MoE for that EP
       parity: {cases: [[1, 5], [3, 17]], tolerance: 1.0e-4, seed: 1234}
       latency: {batch_sizes: [1, 8], length: 64, repeats: 5}   # a quick check; benchmarks/onnx_latency.py measures
       gate: {...}                       # the quantize stage's gate, for the quantized ONNX model
@@ -129,7 +129,7 @@ class ExportConfig(Config):
     opset: int = 21
     experts_implementation: Literal["grouped_mm", "batched_mm"] = "grouped_mm"
     with_past: bool = True
-    fused_moe: Literal["none", "cuda"] = "none"
+    fused_moe: Literal["none", "cuda", "cpu"] = "none"
     example_batch: int = 2  # the export example's shape; parity is checked on other shapes
     example_length: int = 8
     parity: ParityConfig = field(default_factory=ParityConfig)

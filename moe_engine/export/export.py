@@ -1,5 +1,6 @@
 """The export stage: ONNX graphs of a checkpoint, checked against stock transformers, optionally the
-quantized checkpoint as ONNX under the quantization gate, and a fused-MoE variant for the CUDA EP.
+quantized checkpoint as ONNX under the quantization gate, and fused-MoE variants (onnxruntime's
+``com.microsoft::MoE`` / ``QMoE``) for its CPU provider (checked here) or CUDA provider.
 
     import moe_engine as me
     result = me.export_onnx("outputs/pretrain/model", "outputs/export", quantized="outputs/quantize/model",
@@ -7,7 +8,8 @@ quantized checkpoint as ONNX under the quantization gate, and a fused-MoE varian
     result.metrics["parity"]     # {"model": 3e-07, "model_with_past": 3e-07}
 
 Layout of ``out_dir``: the graphs of ``graphs.py`` (``model.onnx`` ...), ``quantized/`` (the same
-graphs of the quantized checkpoint), ``cuda/`` (fused for onnxruntime's CUDA provider, when asked),
+graphs of the quantized checkpoint), ``cpu/`` or ``cuda/`` (``fused_moe``: the graphs with the fused
+MoE op; ``quantized/cpu/`` with QMoE holding the checkpoint's integers),
 the model's ``config.json`` and tokenizer, ``export.json`` (graphs, their inputs and outputs,
 versions), ``metrics.json`` and ``report.md``.
 """
@@ -81,35 +83,35 @@ def _check_fused_moe(config: ExportConfig, model_config) -> None:
     import onnxruntime as ort
     from packaging.version import Version
 
-    if config.fused_moe != "cuda":
+    if config.fused_moe == "none":
         return
     if Version(ort.__version__) < Version("1.28"):
-        raise ConfigError(f"export.fused_moe = cuda needs onnxruntime >= 1.28 (installed {ort.__version__}): before it the "
-                          "MoE op's swiglu used other constants than SwiGLU, silently")
+        raise ConfigError(f"export.fused_moe = {config.fused_moe} needs onnxruntime >= 1.28 (installed {ort.__version__}): "
+                          "before it the MoE op's swiglu used other constants than SwiGLU, silently")
     if model_config.is_encoder_decoder:
-        raise ConfigError("export.fused_moe = cuda applies to decoder models (Switch's top-1 router with capacity is not "
-                          "onnxruntime's MoE); set export.fused_moe = none")
+        raise ConfigError(f"export.fused_moe = {config.fused_moe} applies to decoder models (Switch's top-1 router with "
+                          "capacity is not onnxruntime's MoE); set export.fused_moe = none")
 
 
-def _fused_moe(stock, out: Path, config: ExportConfig) -> dict:
-    """Graphs with onnxruntime's ``com.microsoft::MoE`` for the CUDA provider (transformers' ``ort_fusions="cuda"``:
-    ``batched_mm`` experts fused with their softmax/top-k router; DeepSeek-V3's grouped sigmoid router is not
-    matched, so its experts stay plain ops)."""
+def _fused_moe(stock, out: Path, config: ExportConfig) -> tuple[dict, list[Graph]]:
+    """Graphs with onnxruntime's ``com.microsoft::MoE``: for the CUDA provider (transformers' ``ort_fusions="cuda"``)
+    or the CPU one (``fused.py``); ``batched_mm`` experts behind a softmax/top-k router are fused, DeepSeek-V3's
+    grouped sigmoid router is not (its experts stay plain ops)."""
     import onnx
     import onnxruntime as ort
 
     from moe_engine.export.graphs import export_graphs
     from moe_engine.models.adapters import ADAPTERS
 
-    graphs = export_graphs(stock, out, config, ort_fusions="cuda")
+    graphs = export_graphs(stock, out, config, ort_fusions="cuda" if config.fused_moe == "cuda" else "cpu_moe")
     block = ADAPTERS[stock.config.model_type].block_class
     expected = sum(type(m).__name__ == block for m in stock.modules())
     counts = {}
     for g in graphs:
         nodes = onnx.load(str(g.path), load_external_data=False).graph.node
         counts[g.name] = sum(n.op_type in ("MoE", "QMoE") and n.domain == "com.microsoft" for n in nodes)
-    return {"moe_nodes": counts, "moe_layers": expected, "onnxruntime": ort.__version__,
-            "run_here": False, "graphs": {g.name: str(g.path.relative_to(out.parent)) for g in graphs}}
+    return ({"provider": config.fused_moe, "moe_nodes": counts, "moe_layers": expected, "onnxruntime": ort.__version__,
+             "graphs": {g.name: str(g.path.relative_to(out.parent)) for g in graphs}}, graphs)
 
 
 def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quantized_dir: str | Path | None = None,
@@ -138,8 +140,11 @@ def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quanti
             sess = session(graphs[0].path, config.providers)
             metrics["latency"] = {f"batch_{b}": onnx_vs_torch(stock, sess, b, config.latency.length, config.latency.repeats)
                                   for b in config.latency.batch_sizes}
-        if config.fused_moe == "cuda":
-            metrics["fused_moe"] = _fused_moe(stock, tmp / "cuda", config)
+        if config.fused_moe != "none":
+            metrics["fused_moe"], fused = _fused_moe(stock, tmp / config.fused_moe, config)
+            if config.fused_moe == "cpu":  # runs here: checked like the portable graphs
+                metrics["fused_moe"]["parity"] = parity(stock, fused, config.parity)
+                _check_parity(metrics["fused_moe"]["parity"], config.parity.tolerance, "the CPU-fused MoE")
         qgraphs, rows = [], []
         if quantized_dir is not None:
             qmetrics, qgraphs, rows = _quantized(config, Path(quantized_dir), tmp / "quantized", stock, data_dir)
@@ -196,6 +201,8 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
     result = {"bits": qc["bits"], "group_size": qc["group_size"], "replaced": replaced, "parity": errors,
               "parity_max": max(errors.values()), "bytes": sizes,
               "bytes_ratio": {k: sizes[k] / fp32[k] for k in sizes if fp32.get(k)}}
+    if config.fused_moe == "cpu":
+        result["fused_moe"] = _quantized_fused_cpu(plain, qmodel, arrays, out / "cpu", config)
     g, rows = config.gate, []
     if g.enabled:
         splits = qgate.available_splits(Path(data_dir), g.splits)
@@ -205,6 +212,30 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
         rows = qgate.judge(original, quantized, g.limit(qc["bits"]))
         result["gate"] = {**{r.split: r.to_dict() for r in rows}, "passed": all(r.passed for r in rows)}
     return result, graphs, rows
+
+
+def _quantized_fused_cpu(plain, qmodel, arrays, out: Path, config: ExportConfig) -> dict:
+    """The quantized checkpoint with onnxruntime's ``QMoE`` on CPU: its fused float graphs, then each MoE node
+    given the checkpoint's integers (``fused.qmoe_graph``) and the other quantized weights behind
+    DequantizeLinear; an unfused layer's experts (DeepSeek-V3) take the DequantizeLinear path too."""
+    from moe_engine.export.fused import qmoe_graph
+    from moe_engine.export.graphs import export_graphs
+    from moe_engine.export.parity import parity
+    from moe_engine.export.quantized import quantize_graph
+    from moe_engine.quantize.modules import IncompleteQuantization
+
+    graphs = export_graphs(plain, out, config, ort_fusions="cpu_moe")
+    nodes = {}
+    for g in graphs:
+        in_qmoe = qmoe_graph(g.path, arrays)
+        rest = quantize_graph(g.path, [qa for qa in arrays if qa.name not in in_qmoe], require_all=False)
+        left = {qa.name for qa in arrays} - in_qmoe - set(rest.pop("names"))
+        if left:
+            raise IncompleteQuantization(f"{g.path.name}: quantized weights neither in QMoE nor dequantised: {sorted(left)[:8]}")
+        nodes[g.name] = {"qmoe_experts": len(in_qmoe), **rest}
+    errors = parity(qmodel, graphs, config.parity)
+    _check_parity(errors, config.parity.tolerance, "the quantized CPU-fused (QMoE)")
+    return {"replaced": nodes, "parity": errors, "bytes": {g.name: _bytes(g) for g in graphs}}
 
 
 def markdown(metrics: dict, model_dir: Path, config: ExportConfig, gate_rows: list | None = None) -> str:
@@ -234,6 +265,7 @@ def markdown(metrics: dict, model_dir: Path, config: ExportConfig, gate_rows: li
             lines += ["", qgate.table(gate_rows, f"int{q['bits']} ONNX")]
     f = metrics.get("fused_moe")
     if f:
-        lines += ["", "## Fused MoE for onnxruntime's CUDA provider (not run on this machine)", "",
-                  f"MoE nodes {f['moe_nodes']} of {f['moe_layers']} MoE layers; onnxruntime {f['onnxruntime']}"]
+        ran = f"parity {f['parity']}" if "parity" in f else "not run on this machine"
+        lines += ["", f"## Fused MoE for onnxruntime's {f['provider'].upper()} provider ({f['provider']}/)", "",
+                  f"MoE nodes {f['moe_nodes']} of {f['moe_layers']} MoE layers; onnxruntime {f['onnxruntime']}; {ran}"]
     return "\n".join(lines) + "\n"

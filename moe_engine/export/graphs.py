@@ -142,8 +142,13 @@ def _rename(program, renames: dict[str, str], outputs_names: list[str] | None = 
 def _export(module, inputs, config, path: Path, renames=None, outputs_names=None, ort_fusions=None) -> Graph:
     OnnxExporter, OnnxConfig = _exporter()
     exporter = OnnxExporter()
-    onnx_config = OnnxConfig(dynamic=True, opset_version=config.opset, ort_fusions=ort_fusions)
+    cpu_moe = ort_fusions == "cpu_moe"  # ours: transformers' MoE matcher, then the CPU kernel's layout (fused.py)
+    onnx_config = OnnxConfig(dynamic=True, opset_version=config.opset, ort_fusions=None if cpu_moe else ort_fusions)
     program = exporter.export(module, dict(inputs), onnx_config).program
+    if cpu_moe:
+        from moe_engine.export.fused import fuse_moe_for_cpu
+
+        fuse_moe_for_cpu(program)
     _rename(program, renames or {}, outputs_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     OnnxExporter.save_program(program, path)
@@ -178,7 +183,8 @@ def export_graphs(model: nn.Module, out_dir: Path, config, *, prefix: str = "", 
                                                              "attention_mask": example["attention_mask"]},
                                       config, out_dir / f"{prefix}decoder.onnx", outputs_names=["logits"]))
         return graphs
-    if ort_fusions == "cuda":  # the fusion matches batched_mm experts (transformers sets it only on a model it exports itself)
+    if ort_fusions in ("cuda", "cpu_moe"):  # the MoE fusion matches batched_mm experts (transformers sets it only on a
+        # model it exports itself, not on the wrapper exported here)
         with experts_implementation(model, "batched_mm"):
             return _causal(model, out_dir, config, prefix, with_past, example, ort_fusions)
     return _causal(model, out_dir, config, prefix, with_past, example, ort_fusions)

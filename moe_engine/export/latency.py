@@ -1,33 +1,34 @@
-"""In-process latency of an ONNX graph on onnxruntime against the same model in torch eager.
+"""In-process latency of ONNX graphs on onnxruntime against the same model in torch eager.
 
-The two are timed in turn (A B A B ...) after warm-up, so drift of a shared machine hits both alike;
-each figure is the median of the repeats, and the ratio is taken pair by pair (its median is quoted).
+The candidates are timed in turn (A B C A B C ...) after warm-up, so drift of a shared machine hits
+them alike; each figure is the median of the rounds, and a ratio to the baseline is the median of the
+per-round ratios.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 
-def paired(fn_a, fn_b, repeats: int = 10, warmup: int = 2) -> dict:
-    """Median seconds of ``fn_a`` and ``fn_b`` and the median of the per-pair ratios a/b."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
+                baseline: str | None = None) -> dict[str, dict]:
+    """``{name: {"median_s", "min_s", "max_s", "ratio"}}``; ``ratio`` is to ``baseline`` (default: the first)."""
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    a, b = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn_a()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn_b()
-        b.append(time.perf_counter() - t)
-    return {"a_s": statistics.median(a), "b_s": statistics.median(b),
-            "ratio": statistics.median(x / y for x, y in zip(a, b)),
-            "a_min_s": min(a), "a_max_s": max(a), "b_min_s": min(b), "b_max_s": max(b)}
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    base = times[baseline or next(iter(fns))]
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                   "ratio": statistics.median(t / b for t, b in zip(ts, base))} for name, ts in times.items()}
 
 
 @torch.no_grad()
@@ -43,8 +44,11 @@ def onnx_vs_torch(model, sess, batch: int, length: int, repeats: int = 10, warmu
     if model.config.is_encoder_decoder:
         feed["decoder_input_ids"] = ids.numpy()
         kwargs["decoder_input_ids"] = ids
-    r = paired(lambda: run(sess, feed, ["logits"]), lambda: model(**kwargs, use_cache=False), repeats, warmup)
+    r = interleaved({"onnx": lambda: run(sess, feed, ["logits"]), "torch": lambda: model(**kwargs, use_cache=False)},
+                    repeats, warmup, baseline="torch")
     tokens = batch * length
-    return {"batch": batch, "length": length, "onnx_ms": r["a_s"] * 1e3, "torch_ms": r["b_s"] * 1e3,
-            "onnx_over_torch": r["ratio"], "onnx_tokens_per_s": tokens / r["a_s"], "torch_tokens_per_s": tokens / r["b_s"],
-            "onnx_ms_range": [r["a_min_s"] * 1e3, r["a_max_s"] * 1e3], "torch_ms_range": [r["b_min_s"] * 1e3, r["b_max_s"] * 1e3]}
+    o, t = r["onnx"], r["torch"]
+    return {"batch": batch, "length": length, "onnx_ms": o["median_s"] * 1e3, "torch_ms": t["median_s"] * 1e3,
+            "onnx_over_torch": o["ratio"], "onnx_tokens_per_s": tokens / o["median_s"],
+            "torch_tokens_per_s": tokens / t["median_s"], "onnx_ms_range": [o["min_s"] * 1e3, o["max_s"] * 1e3],
+            "torch_ms_range": [t["min_s"] * 1e3, t["max_s"] * 1e3]}

@@ -18,7 +18,7 @@ from moe_engine.export.runtime import OrtLM
 from moe_engine.quantize.modules import IncompleteQuantization
 
 
-@pytest.fixture(scope="module", params=[8, 4])
+@pytest.fixture(scope="module", params=[8, pytest.param(4, marks=pytest.mark.slow)])
 def exported(request, demo_model, demo_data, tmp_path_factory):
     bits = request.param
     root = tmp_path_factory.mktemp(f"qexport{bits}")
@@ -92,6 +92,7 @@ def test_a_quantized_weight_missing_from_a_graph_raises(exported, tmp_path):
         quantize_graph(tmp_path / "model.onnx", arrays)
 
 
+@pytest.mark.slow
 def test_failing_onnx_gate_exits_2(exported, demo_model, demo_data, tmp_path, capsys):
     bits, root = exported
     if bits == 8:

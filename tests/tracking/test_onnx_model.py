@@ -40,9 +40,14 @@ def test_export_logs_and_registers_the_onnx_model(source, tmp_path, monkeypatch)
     got = loaded.predict(feed)["logits"]
     want = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    # a second export is a new version, and the alias follows it
-    assert main(args) == 0
-    assert int(client.get_model_version_by_alias("moe-lab", "onnx").version) == int(version.version) + 1
+    # another export's run is a new version, and the alias follows it
+    from moe_engine.tracking.lineage import stage_run
+    from moe_engine.tracking.onnx_model import log_onnx_model
+
+    run_id = stage_run("export", {}, {}, [], uri=uri)
+    info = log_onnx_model(run_id, out / "model.onnx", sources={"pretrain": source}, uri=uri)
+    assert int(info["version"]) == int(version.version) + 1
+    assert client.get_model_version_by_alias("moe-lab", "onnx").version == int(info["version"])
 
 
 def test_quantize_run_is_tagged_with_its_source_model(source, tmp_path, monkeypatch):
