@@ -141,4 +141,5 @@ def qmoe_graph(path, arrays) -> set[str]:
     data = f"{path.name}.data"
     (path.parent / data).unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    (path.parent / data).chmod(0o644)  # onnx writes it owner-only; the graph beside it is world-readable
     return replaced

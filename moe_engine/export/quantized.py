@@ -143,5 +143,6 @@ def quantize_graph(path: Path, arrays: list[QuantArrays], require_all: bool = Tr
     data = f"{path.name}.data"
     (path.parent / data).unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    (path.parent / data).chmod(0o644)  # onnx writes it owner-only; the graph beside it is world-readable
     replaced["names"] = [qa.name for qa in arrays if qa.name not in missing]
     return replaced
