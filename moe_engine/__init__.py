@@ -5,6 +5,8 @@
     model = me.patch(hf_model)                         # same weights, same outputs, engine layers
     trainer = me.Trainer(arch="mixtral", data=prepared_dir)  # the short path (DeepSpeed)
     trainer.fit()
+    me.quantize(model, bits=4)                         # int8/int4 experts in place; me.load reads the saved dir
+    me.export_onnx("model_dir", "out_dir")             # ONNX graphs checked against stock transformers
 
 Names resolve lazily, so ``import moe_engine`` is cheap and has no side effects.
 """
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "build_model": "moe_engine.models.build",
     "model_config": "moe_engine.models.build",
-    "load": "moe_engine.models.build",
+    "load": "moe_engine.models.loading",
     "patch": "moe_engine.models.adapters",
     "moe_layers": "moe_engine.models.adapters",
     "MoELayer": "moe_engine.moe.layer",
@@ -30,6 +32,8 @@ _EXPORTS = {
     "finetune": "moe_engine.finetune.run",
     "FinetuneConfig": "moe_engine.finetune.config",
     "generate": "moe_engine.inference.generate",
+    "quantize": "moe_engine.quantize.quantize",
+    "export_onnx": "moe_engine.export.export",
 }
 
 __all__ = sorted(_EXPORTS)

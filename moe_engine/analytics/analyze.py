@@ -95,7 +95,7 @@ def analyze(
     tokenizer: str | Path | None = None,
     config: AnalyzeConfig | None = None,
 ) -> AnalysisResult:
-    from moe_engine.models.build import load
+    from moe_engine.models.loading import load
 
     cfg = config or AnalyzeConfig()
     paths = [Path(c) for c in checkpoints]

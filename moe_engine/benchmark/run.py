@@ -62,7 +62,7 @@ def load_model(path: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from moe_engine.models.adapters import ADAPTERS
-    from moe_engine.models.build import load
+    from moe_engine.models.loading import load
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type in ADAPTERS:

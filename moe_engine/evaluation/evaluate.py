@@ -73,7 +73,7 @@ def load_model(model_dir: Path, expect_moe: bool | None = None):
 
     from moe_engine.errors import InputError
     from moe_engine.models.adapters import ADAPTERS, moe_layers
-    from moe_engine.models.build import load
+    from moe_engine.models.loading import load
     from moe_engine.models.io import check_weight_files
 
     model_dir = Path(model_dir)

@@ -93,7 +93,7 @@ def finetune(base: str | Path, data: str | Path, out_dir: str | Path = "outputs/
 
 def _finetune_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokenizer, retention, stage) -> FinetuneResult:
     from moe_engine.io import atomic_output, ensure_writable_dir
-    from moe_engine.models.build import load
+    from moe_engine.models.loading import load
     from moe_engine.training import callbacks as cb
     from moe_engine.training.loop import TrainLoop
     from moe_engine.training.objectives import SupervisedObjective

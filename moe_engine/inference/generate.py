@@ -255,7 +255,7 @@ def _prepare_model(model_or_dir, cfg: GenerateConfig, device, dtype):
 
     model_dir = None
     if isinstance(model_or_dir, (str, Path)):
-        from moe_engine.models.build import load
+        from moe_engine.models.loading import load
 
         model_dir = Path(model_or_dir)
         model = load(model_dir, dtype=dtype)

@@ -56,18 +56,11 @@ def build_model(
     return patch(model, **(router or {}))
 
 
-def load(path: str | Path, *, router: dict | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
-    """``from_pretrained(path)`` of any supported MoE checkpoint (local dir), then ``patch``."""
-    from moe_engine.errors import InputError
-    from moe_engine.models.io import check_weight_files
+def __getattr__(name):
+    # ``load`` lives in loading.py: building a model from config (pretraining) does not depend on how
+    # checkpoints are read (quantized ones included); ``from moe_engine.models.build import load`` still works
+    if name == "load":
+        from moe_engine.models.loading import load
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a model directory (no config.json); pass the folder save_pretrained wrote")
-    check_weight_files(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path / 'config.json'} cannot be read as a transformers config: {exc}") from None
-    model = _model_class(config).from_pretrained(path, use_safetensors=True, **from_pretrained_kwargs)
-    return patch(model, **(router or {}))
+        return load
+    raise AttributeError(f"module 'moe_engine.models.build' has no attribute {name!r}")

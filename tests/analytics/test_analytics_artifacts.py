@@ -28,7 +28,7 @@ def test_cli_logs_report_and_metrics_to_mlflow(tmp_path, monkeypatch, capsys):
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["moe_lab.stage"] == "analyze"
-    assert run.data.metrics["router/layer0/tokens"] == 256 and run.data.params["seq_len"] == "32"
+    assert run.data.metrics["analyze/router/layer0/tokens"] == 256 and run.data.params["seq_len"] == "32"
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"report.html", "load_heatmap.png", "domain_specialisation.png"} <= files
 
