@@ -47,6 +47,13 @@ PRESETS: dict[str, dict[str, dict]] = {
             num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
             norm_topk_prob=False, router_aux_loss_coef=0.01, eos_token_id=0, pad_token_id=1,
         ),
+        # benchmark scale, fine-grained: Qwen3-30B-A3B's MoE layer (128 experts, top-8, D=2048, F=768,
+        # renormalised top-k) on OLMoE's architecture, 4 layers; fits one H200 with its optimizer state
+        "olmoe-e128-4l": dict(
+            vocab_size=50304, hidden_size=2048, intermediate_size=768, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=16, num_experts=128, num_experts_per_tok=8, max_position_embeddings=4096,
+            norm_topk_prob=True, router_aux_loss_coef=0.001, eos_token_id=0, pad_token_id=1,
+        ),
         # OLMoE (Muennighoff et al. 2024), allenai/OLMoE-1B-7B-0924 config.json
         "olmoe-1b-7b": dict(
             vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,

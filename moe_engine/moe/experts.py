@@ -136,7 +136,8 @@ def expert_lora(experts: nn.Module, dropout: float = 0.0) -> tuple[nn.Module, di
             param = module.get_param()
             if lhs.shape[:2] != param.shape[:2] or rhs.shape[-1] != param.shape[-1]:
                 raise TypeError(f"unexpected LoRA factor layout {tuple(lhs.shape)} @ {tuple(rhs.shape)} for {tuple(param.shape)}")
-            terms[which].append(LowRank(rhs, lhs, scale, dropout))
+            # peft's views are permuted; the grouped GEMM wants row-major [E, out, in] (copies of rank-r factors only)
+            terms[which].append(LowRank(rhs.contiguous(), lhs.contiguous(), scale, dropout))
         module = module.base_layer
     if isinstance(module, nn.ModuleDict):  # Switch: peft LoRA on each expert's wi / wo Linear
         mlps = [module[f"expert_{i}"] for i in range(len(module))]
