@@ -23,6 +23,8 @@ TINY = {
                  "eval": {"test_records": 16, "generate_records": 2, "max_new_tokens": 4, "retention_sequences": 16}},
     "evaluate": {"batch_size": 16, "max_sequences": 32},
     "benchmark": {"limit": 8, "passage_items": 8},
+    "quantize": {"calibration": {"sequences": 2}, "gate": {"max_sequences": 32}},
+    "export": {"latency": {"batch_sizes": [1], "length": 16, "repeats": 1}, "gate": {"max_sequences": 32}},
     "analyze": {"max_tokens": 256},
 }
 # A gate the debug run passes (the committed baseline is for the demo size); tests swap in failing ones.

@@ -90,6 +90,7 @@ def test_pipeline_deployment_runs_every_stage_with_lineage(workspace, deployment
     repo = ws["repo"]
     for path in ("outputs/data/manifest.json", "outputs/pretrain/model/config.json", "outputs/pretrain_dense/model",
                  "outputs/finetune/adapter", "outputs/evaluate/metrics.json", "outputs/benchmark/compare.md",
+                 "outputs/quantize/model/config.json", "outputs/export/model.onnx",
                  "outputs/analyze/report.html", "outputs/gate/report.md"):
         assert (repo / path).exists(), path
     assert set(lock(repo)) == set(STAGES)
@@ -138,7 +139,7 @@ def test_second_dvc_repro_skips_everything_and_a_param_change_reruns_downstream_
     finally:
         params.write_text(text)
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
-    assert ran == {"pretrain", "finetune", "evaluate", "benchmark", "analyze", "gate"}
+    assert ran == {"pretrain", "finetune", "evaluate", "benchmark", "quantize", "export", "analyze", "gate"}
     run([str(BIN / "dvc"), "repro"], workspace["repo"], env, timeout=600)  # back to the committed settings (run cache)
 
 
@@ -201,7 +202,7 @@ def test_lineage_command_walks_back_to_raw_data(workspace):
     out = run([str(BIN / "moe-lab"), "lineage", "models:/moe-lab@champion"], workspace["repo"], workspace["env"]).stdout
     data_md5 = outs(workspace["repo"], "data")["outputs/data"]
     assert "@candidate, @champion" in out and "<- pipeline run" in out and "@champion by gate run" in out
-    for stage in ["data", "pretrain", "pretrain_dense", "finetune", "evaluate", "benchmark", "analyze"]:
+    for stage in ["data", "pretrain", "pretrain_dense", "finetune", "evaluate", "benchmark", "quantize", "export", "analyze"]:
         assert f"stage {stage}" in out
     assert "dep outputs/data" in out and f"{data_md5}  = data out" in out  # pretrain read what data wrote
     assert "raw data (manifest.json of run" in out and "data/demo" in out and "milton" in out
