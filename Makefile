@@ -40,6 +40,8 @@ demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow
 	@echo; echo "== MoE vs dense baseline at equal training FLOPs (outputs/evaluate/compare.md)"; cat outputs/evaluate/compare.md
 	@echo "== LoRA fine-tune, before -> after (outputs/finetune/compare.md)"; cat outputs/finetune/compare.md
 	@echo "== benchmark tasks, accuracy (outputs/benchmark/compare.md)"; cat outputs/benchmark/compare.md
+	@echo "== int8 experts: sizes, per-expert errors, perplexity gate (outputs/quantize/report.md)"; cat outputs/quantize/report.md
+	@echo "== ONNX export: parity with stock transformers, latency (outputs/export/report.md)"; cat outputs/export/report.md
 	@echo "== router analytics: outputs/analyze/report.html   data report: outputs/data/validation/index.html"
 	@echo "== benchmark gate: outputs/gate/report.md   MLflow UI: make mlflow-ui   lineage: $(BIN)/moe-lab lineage models:/moe-lab@champion"
 

@@ -36,7 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command and subcommand lists its options' defaults in --help (one style at every level)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if child.formatter_class is argparse.HelpFormatter:
+                    child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                _show_defaults(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,19 +242,13 @@ def _final(metrics: dict) -> dict[str, float]:
 
 
 def _mlflow(uri, cfg, base, data, out, stage):
-    from moe_engine.tracking.lineage import git_commit
     from moe_engine.training import callbacks as cb
 
-    tags = {"moe_lab.stage": stage, "moe_lab.kind": "stage", "moe_lab.finetune_method": cfg.method, "moe_lab.model_kind": "finetune",
+    tags = {"moe_lab.stage": stage, "moe_lab.finetune_method": cfg.method, "moe_lab.model_kind": "finetune",
             "moe_lab.base_model": str(base), "moe_lab.task_data": str(data)}
     base_run = base.parent / "run.json"
     if base_run.exists():  # lineage to the run that trained the base (pretrain writes run.json beside model/)
         tags["moe_lab.base_run_id"] = json.loads(base_run.read_text()).get("mlflow_run_id") or ""
-    if os.environ.get("MOE_LAB_PREFECT_FLOW_RUN_ID"):
-        tags["prefect.flow_run_id"] = os.environ["MOE_LAB_PREFECT_FLOW_RUN_ID"]
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     description = f"Stage `{stage}`: {cfg.method} fine-tune of `{base}` on `{data}` for {cfg.steps} steps (lr {cfg.lr:g})."
     return cb.MLflowLogger(uri, cfg.experiment, run_name=f"{stage} · {cfg.method} · {Path(data).name}",
                            tags={k: v for k, v in tags.items() if v}, params=cfg.to_dict(), description=description,

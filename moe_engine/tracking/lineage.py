@@ -153,6 +153,19 @@ def pipeline_env(parent_run_id: str, uri: str, flow_run_id: str | None = None) -
     return env
 
 
+def stage_tags(stage: str, *, status: str = "ran", parent_run_id: str | None = None,
+               flow_run_id: str | None = None, description: str | None = None) -> dict[str, str]:
+    """The lineage tags every stage's MLflow run carries, whichever code logs it (``stage_run`` here, the
+    training loop's MLflow callback for pretrain and finetune): stage, kind, status, pipeline parent,
+    Prefect flow run, git commit, and what the run is."""
+    stage = os.environ.get("DVC_STAGE") or stage
+    tags = {TAG_KIND: "stage", TAG_STAGE: stage, TAG_STATUS: status,
+            TAG_PARENT: parent_run_id or os.environ.get(ENV_PARENT),
+            TAG_FLOW_RUN: flow_run_id or os.environ.get(ENV_FLOW_RUN), TAG_GIT: git_commit(),
+            "mlflow.note.content": description or _description(stage)}
+    return {k: v for k, v in tags.items() if v}
+
+
 def stage_run(stage: str, params: dict, metrics: dict, artifacts: list[Path], *, uri: str | None = None,
               parent_run_id: str | None = None, flow_run_id: str | None = None, status: str = "ran") -> str | None:
     """Log a finished stage as one MLflow run; returns its id, or None when tracking is off.
@@ -177,10 +190,8 @@ def stage_run(stage: str, params: dict, metrics: dict, artifacts: list[Path], *,
             exp_id = client.get_run(parent).info.experiment_id
         else:
             exp_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), uri)
-        tags = {TAG_KIND: "stage", TAG_STAGE: stage, TAG_STATUS: status, TAG_PARENT: parent,
-                TAG_FLOW_RUN: flow_run_id or os.environ.get(ENV_FLOW_RUN), TAG_GIT: git_commit(),
-                "mlflow.note.content": _description(stage)}
-        run_id = client.create_run(exp_id, run_name=stage, tags={k: v for k, v in tags.items() if v}).info.run_id
+        tags = stage_tags(stage, status=status, parent_run_id=parent, flow_run_id=flow_run_id)
+        run_id = client.create_run(exp_id, run_name=stage, tags=tags).info.run_id
         items = [Param(_key(k), str(v)[:6000]) for k, v in flatten(params or {}).items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(run_id, params=items[i:i + 100])

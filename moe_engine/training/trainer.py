@@ -215,17 +215,10 @@ class Trainer:
         return calls
 
     def _mlflow(self, uri: str) -> cb.MLflowLogger:
-        from moe_engine.tracking.lineage import git_commit
-
         cfg = self.config
         kind = f"dense baseline ({cfg.dense_baseline} params)" if cfg.dense_baseline else "MoE"
         tags = {"moe_lab.stage": self.stage, "moe_lab.arch": cfg.arch, "moe_lab.preset": cfg.preset,
-                "moe_lab.model_kind": "dense" if cfg.dense_baseline else "moe", "moe_lab.kind": "stage"}
-        if os.environ.get("MOE_LAB_PREFECT_FLOW_RUN_ID"):
-            tags["prefect.flow_run_id"] = os.environ["MOE_LAB_PREFECT_FLOW_RUN_ID"]
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
+                "moe_lab.model_kind": "dense" if cfg.dense_baseline else "moe"}
         description = (f"Stage `{self.stage}`: pretrain a {cfg.arch} `{cfg.preset}` {kind} for {cfg.steps} steps on "
                        f"`{self.data}` (micro-batch {cfg.micro_batch_size} x grad_accum {cfg.grad_accum}, lr {cfg.lr:g}).")
         return cb.MLflowLogger(uri, cfg.experiment, run_name=f"{self.stage} · {cfg.arch}-{cfg.preset} · {kind}", tags=tags,

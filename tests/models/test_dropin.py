@@ -127,3 +127,19 @@ def test_patch_twice_changes_nothing():
     assert twice is once and [layer.moe_router.loss_scale for layer in me.moe_layers(twice)] == scales == [0.5, 0.5]
     with pytest.raises(ConfigError, match="already patched"):
         me.patch(once, aux_loss_coef=0.0)
+
+
+def test_load_refuses_a_garbage_or_pickled_checkpoint_naming_the_file(tmp_path):
+    from moe_engine.errors import InputError
+
+    model = me.build_model("mixtral")
+    model.save_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match=r"ok/model.safetensors is not a valid safetensors file"):
+        me.load(tmp_path / "ok")
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    for f in (tmp_path / "pickled").glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(InputError, match="holds only pickled weights .*pytorch_model.bin.*which can run code"):
+        me.load(tmp_path / "pickled")

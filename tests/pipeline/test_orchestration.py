@@ -108,6 +108,16 @@ def test_pipeline_deployment_runs_every_stage_with_lineage(workspace, deployment
             assert run_.data.tags[f"dvc.out.{out['path']}"] == out["md5"]
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["moe_lab.stage"] for r in children) == sorted(STAGES)  # no duplicates
+    # what the MLflow UI shows: names saying what each run is, metric groups, constants as params, colours
+    moe_run, dense_run = c.get_run(stages["pretrain"][0]), c.get_run(stages["pretrain_dense"][0])
+    assert "MoE" in moe_run.info.run_name and "dense baseline" in dense_run.info.run_name
+    assert moe_run.data.tags["mlflow.note.content"].startswith("Stage `pretrain`")
+    groups = {key.split("/")[0] for key in moe_run.data.metrics}
+    assert {"train", "val", "ood", "router", "cost"} <= groups and "loss" not in moe_run.data.metrics
+    assert "params_total" in moe_run.data.params and "params_total" not in moe_run.data.metrics
+    assert moe_run.data.tags["mlflow.runColor"] != dense_run.data.tags["mlflow.runColor"]
+    assert c.get_run(stages["evaluate"][0]).data.metrics["evaluate/moe_minus_dense.val"] is not None
+    assert c.get_run(stages["analyze"][0]).info.status == "FINISHED"
 
     version = c.get_model_version_by_alias("moe-lab", "candidate")
     assert version.run_id == stages["pretrain"][0] and c.get_model_version_by_alias("moe-lab", "champion").version == version.version
@@ -141,6 +151,18 @@ def test_second_dvc_repro_skips_everything_and_a_param_change_reruns_downstream_
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
     assert ran == {"pretrain", "finetune", "evaluate", "benchmark", "quantize", "export", "analyze", "gate"}
     run([str(BIN / "dvc"), "repro"], workspace["repo"], env, timeout=600)  # back to the committed settings (run cache)
+    # editing a module re-runs exactly the stages whose commands import it, and what reads their outputs
+    module = workspace["repo"] / "moe_engine" / "data" / "span_corruption.py"
+    source = module.read_text()
+    module.write_text(source + "\n# edited\n")
+    try:
+        status = json.loads(run([str(BIN / "dvc"), "status", "--json"], workspace["repo"], env).stdout)
+    finally:
+        module.write_text(source)
+    changed = {name for name, entries in status.items()
+               if any(isinstance(e, dict) and "changed deps" in e for e in entries)}
+    importers = {"pretrain", "pretrain_dense", "finetune", "evaluate", "benchmark", "quantize", "export", "analyze"}
+    assert changed == importers, changed  # not data, not gate
 
 
 @pytest.mark.timeout(1500)

@@ -30,14 +30,14 @@ class MLflowLogger(Callback):
         from moe_engine.tracking.lineage import flatten
         from moe_engine.tracking.mlflow_run import MLflowRun, check_reachable
 
-        check_reachable(self.uri)
-        import os
+        from moe_engine.tracking.lineage import stage_tags
 
-        if self.description:
-            self.tags["mlflow.note.content"] = self.description
+        check_reachable(self.uri)
+        lineage = stage_tags(self.tags.get("moe_lab.stage", "train"), description=self.description or None)
+        self.tags = {**lineage, **self.tags}
         self.tags.setdefault("mlflow.runColor", COLORS.get(self.tags.get("moe_lab.model_kind", ""), COLORS["other"]))
         self.run = MLflowRun(self.uri, self.experiment, run_name=self.run_name, tags=self.tags,
-                             parent_run_id=os.environ.get("MOE_LAB_PARENT_RUN_ID") or None, fallback_dir=self.fallback_dir)
+                             parent_run_id=self.tags.get("mlflow.parentRunId"), fallback_dir=self.fallback_dir)
         constants = {"params_total": loop.param_counts.total, "params_active": loop.param_counts.active,
                      "flops_per_token": loop.flops_per_token, "world_size": loop.world, "seq_len": loop.seq_len,
                      "tokens_per_step": loop.tokens_per_step}
