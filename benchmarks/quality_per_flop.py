@@ -66,18 +66,34 @@ def flop_matched_steps(target_flops: float, flops_per_token: float, tokens_per_s
     return max(1, round(target_flops / (flops_per_token * tokens_per_step)))
 
 
-def flops_per_token(config, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token of the model ``config`` (a PretrainConfig) builds, as the trainer counts
-    them (PaLM's 6N + 12LDS over active parameters, ``training.flops``)."""
+def build(config, vocab_size: int):
+    """The model a PretrainConfig describes (dense baselines included), as the trainer builds it."""
     from moe_engine.models.build import build_model
-    from moe_engine.training.flops import train_flops_per_token
     from moe_engine.training.trainer import dense_baseline
 
     model = build_model(config.arch, config.preset, seed=0, router=config.router.set_values(),
                         **{"vocab_size": vocab_size, **config.model})
-    if config.dense_baseline:
-        model = dense_baseline(model, config.dense_baseline)
-    return train_flops_per_token(model, seq_len)
+    return dense_baseline(model, config.dense_baseline) if config.dense_baseline else model
+
+
+def flops_per_token(config, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token of the model ``config`` (a PretrainConfig) builds, as the trainer counts
+    them (PaLM's 6N + 12LDS over active parameters, ``training.flops``)."""
+    from moe_engine.training.flops import train_flops_per_token
+
+    return train_flops_per_token(build(config, vocab_size), seq_len)
+
+
+def run_identity(config: dict, vocab_size: int) -> dict:
+    """What determines a run: for a dense baseline its own shape replaces the MoE's model and router
+    settings, so MoE configurations with the same active width share one dense-active run."""
+    from moe_engine.training.config import PretrainConfig
+
+    if not config["dense_baseline"]:
+        return config
+    shape = build(PretrainConfig.from_dict(config), vocab_size).config.to_dict()
+    shape.pop("transformers_version", None)
+    return {**{k: v for k, v in config.items() if k not in ("model", "router", "router_monitor")}, "dense_shape": shape}
 
 
 # ----------------------------------------------------------------------------- the curve
@@ -128,14 +144,15 @@ def _trainer_with(curve: Curve, **kwargs):
 
 
 # ----------------------------------------------------------------------------- one run
-def train_one(base: dict, data: Path, kind: str, seed: int, steps: int, work: Path, args) -> dict:
+def train_one(base: dict, data: Path, vocab_size: int, kind: str, seed: int, steps: int, work: Path, args) -> dict:
     """Train and score one model; the record is kept in ``work`` and reused when asked again."""
     from moe_engine.evaluation.evaluate import evaluate_model
 
     config = {**base, "seed": seed, "steps": steps, "dense_baseline": DENSE[kind], "eval_every": 0,
               "eval_batches": 0, "save_every": 0, "snapshot_every": 0, "profile_steps": []}
-    key = hashlib.sha256(json.dumps([config, str(data), args.eval_every, args.curve_batches], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+    identity = run_identity(config, vocab_size)
+    key = hashlib.sha256(json.dumps([identity, str(Path(data).resolve()), args.eval_every, args.curve_batches],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = work / f"{kind}_seed{seed}_{key}"
     record_path = out / "record.json"
     if record_path.exists():
@@ -341,7 +358,7 @@ def benchmark(args) -> dict:
     try:
         for seed in args.seeds:
             for kind in args.models:
-                runs.setdefault(kind, {})[seed] = train_one(base, data, kind, seed, steps[kind], work, args)
+                runs.setdefault(kind, {})[seed] = train_one(base, data, vocab, kind, seed, steps[kind], work, args)
         task_scores = score_tasks(runs, data, work, args) if args.tasks else None
     finally:
         if not args.work:
