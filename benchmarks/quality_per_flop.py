@@ -145,19 +145,26 @@ def _trainer_with(curve: Curve, **kwargs):
 
 # ----------------------------------------------------------------------------- one run
 def train_one(base: dict, data: Path, vocab_size: int, kind: str, seed: int, steps: int, work: Path, args) -> dict:
-    """Train and score one model; the record is kept in ``work`` and reused when asked again."""
+    """Train and score one model; the record is kept in ``work`` and reused when asked again (None:
+    ``--no-train`` and no record)."""
+    import torch
+
     from moe_engine.evaluation.evaluate import evaluate_model
 
     config = {**base, "seed": seed, "steps": steps, "dense_baseline": DENSE[kind], "eval_every": 0,
               "eval_batches": 0, "save_every": 0, "snapshot_every": 0, "profile_steps": []}
     identity = run_identity(config, vocab_size)
-    key = hashlib.sha256(json.dumps([identity, str(Path(data).resolve()), args.eval_every, args.curve_batches],
+    data_id = hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()  # the data, wherever it lies
+    key = hashlib.sha256(json.dumps([identity, data_id, args.eval_every, args.curve_batches],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = work / f"{kind}_seed{seed}_{key}"
     record_path = out / "record.json"
     if record_path.exists():
         print(f"[qpf] {kind} seed {seed}: reusing {out}", flush=True)
         return json.loads(record_path.read_text())
+    if args.no_train:
+        print(f"[qpf] {kind} seed {seed}: no record in {work} (--no-train), left out", flush=True)
+        return None
     curve = Curve(args.eval_every, args.curve_batches)
     trainer = _trainer_with(curve, data=data, config=config, out_dir=out, stage="quality_per_flop", fresh=True)
     t0 = time.perf_counter()
@@ -177,7 +184,9 @@ def train_one(base: dict, data: Path, vocab_size: int, kind: str, seed: int, ste
         "train_flops": summary["train_flops"], "final_train_loss": summary["final_loss"],
         "tokens_per_s": tokens_per_s, "train_seconds": curve.train_seconds(), "fit_wall_seconds": wall,
         "score_seconds": time.perf_counter() - t1, "load_average_end": os.getloadavg()[0],
-        "mlflow_run_id": result.mlflow_run_id, "model_dir": str(out / "model"), "curve": curve.rows,
+        "mlflow_run_id": result.mlflow_run_id, "model_dir": str(out / "model"),
+        "device_type": "cuda" if torch.cuda.is_available() else "cpu",
+        "environment": environment("cuda" if torch.cuda.is_available() else "cpu"), "curve": curve.rows,
     }
     record_path.write_text(json.dumps(record, indent=1))
     print(f"[qpf] {kind} seed {seed}: val {record['val_loss']:.4f} ood {record['ood_loss']:.4f} "
@@ -207,7 +216,8 @@ def margins(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
             noise = max(stats["std"], *(spread([runs[m][s][metric] for s in seeds])["std"] for m in ("moe", base)))
             row[metric] = {**stats, "per_seed": dict(zip(map(str, seeds), diffs)),
                            "moe_better_every_seed": stats["max"] < 0,
-                           "beyond_seed_spread": stats["max"] < 0 and -stats["mean"] > noise}
+                           # one seed has no spread to judge against
+                           "beyond_seed_spread": stats["max"] < 0 and -stats["mean"] > noise if len(seeds) > 1 else None}
         out[f"moe_minus_{base}"] = row
     return out
 
@@ -358,15 +368,25 @@ def benchmark(args) -> dict:
     try:
         for seed in args.seeds:
             for kind in args.models:
-                runs.setdefault(kind, {})[seed] = train_one(base, data, vocab, kind, seed, steps[kind], work, args)
+                record = train_one(base, data, vocab, kind, seed, steps[kind], work, args)
+                if record is not None:
+                    runs.setdefault(kind, {})[seed] = record
+        # seeds every model has (--no-train may find some missing): the margins are paired
+        args.seeds = [s for s in args.seeds if all(s in by_seed for by_seed in runs.values())]
+        if not runs or not args.seeds:
+            raise SystemExit(f"no complete seed to report in {work}")
         task_scores = score_tasks(runs, data, work, args) if args.tasks else None
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    usd = args.usd_per_hour if args.usd_per_hour is not None else DEFAULT_USD_PER_HOUR[device]
+    trained_on = next(iter(next(iter(runs.values())).values())).get("device_type", device)
+    usd = args.usd_per_hour if args.usd_per_hour is not None else DEFAULT_USD_PER_HOUR[trained_on]
     rows = curve_rows(runs)
     result = {
-        "benchmark": "quality_per_flop", "environment": environment(device), "smoke": args.smoke,
+        "benchmark": "quality_per_flop", "smoke": args.smoke,
+        # where the models trained (from their records: --no-train aggregates runs made elsewhere)
+        "environment": next(iter(next(iter(runs.values())).values())).get("environment", environment(device)),
+        "aggregated_on": environment(device),
         "command": " ".join(sys.argv), "data": {"dir": str(data), "seq_len": seq_len, "vocab_size": vocab,
                                                 "train_tokens": manifest["splits"]["train"]["tokens"]},
         "config": base, "seeds": args.seeds, "tokens_per_step": tokens_per_step,
@@ -410,7 +430,10 @@ def write_outputs(result: dict, rows: list[dict], out: Path, plots_dir: Path | N
     cfg = result["config"]
     title = (f"{cfg['arch']} {cfg['preset']} {json.dumps(cfg['model'])}, {cfg['steps']} steps x "
              f"{result['tokens_per_step']} tokens, seeds {result['seeds']} ({result['environment']['device']})")
-    plot(rows, out.with_suffix(".png"), title)
+    try:
+        plot(rows, out.with_suffix(".png"), title)
+    except ImportError as exc:  # e.g. a GPU image without matplotlib: the CSV has the curves
+        print(f"no plot ({exc}); the curves are in {out.with_suffix('.csv')}")
     if plots_dir is not None:
         for kind, points in mean_curves(rows).items():
             write_csv(plots_dir / f"{kind}.csv", points)
@@ -454,6 +477,8 @@ def main(argv=None) -> int:
     ap.add_argument("--usd-per-hour", type=float, help="$ per device-hour (default: 2.5 on GPU, 0.10 on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     ap.add_argument("--work", help="keep runs here and reuse finished ones (default: a temporary folder, removed)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="only gather runs already recorded in --work (e.g. made on another machine); train nothing")
     ap.add_argument("--tried", help="a JSON file of configurations tried, copied into the result")
     ap.add_argument("--out", type=Path, help="result JSON (the .png and .csv go beside it)")
     ap.add_argument("--plots-dir", type=Path, help="also write one CSV per model (seed means) here, for DVC plots")
