@@ -3,7 +3,9 @@
 Three axes around a base MoE (E experts, top-K, expert width F; active MLP width A = K x F):
 
 * experts count: E' in ``--experts``, K and F kept (total parameters grow with E', FLOPs do not);
-* top-k: K' in ``--top-k``, F' = A / K' (E kept): the same active width split over more experts per token;
+* top-k: K' in ``--top-k``, F' = A / K' (E kept): the same active width split over more experts per token
+  (top-1 points route with ``norm_topk_prob: false``, as Switch does: renormalised over one expert the
+  weight is always 1 and the router would learn nothing from the LM loss);
 * granularity: g in ``--granularity``, E' = g E, K' = g K, F' = F / g (fine-grained experts, DeepSeekMoE's
   "segmentation"): active and total parameters both kept.
 
@@ -125,7 +127,8 @@ def base_shape(repo: Path, sets: list[str]) -> tuple[str, tuple[int, int, int]]:
 
 def queue(repo: Path, env: dict, arch: str, sweep: list[dict], base: tuple, args) -> None:
     e_key, f_key = SHAPE_KEYS[arch]
-    common = [f"++{s}" for s in args.set]
+    shape_keys = {f"pretrain.model.{k}" for k in (e_key, f_key, "num_experts_per_tok")}
+    common = [f"++{s}" for s in args.set if s.split("=", 1)[0] not in shape_keys]  # each point sets its own shape
     if args.steps:
         common += [f"++pretrain.steps={args.steps}", f"++pretrain_dense.steps={args.steps}"]
     # the dense baseline is built from the base shape, so that its width is the sweep's active width
@@ -134,6 +137,8 @@ def queue(repo: Path, env: dict, arch: str, sweep: list[dict], base: tuple, args
     for p in sweep:
         shape = [f"++pretrain.model.{e_key}={p['experts']}", f"++pretrain.model.num_experts_per_tok={p['top_k']}",
                  f"++pretrain.model.{f_key}={p['width']}"]
+        if p["top_k"] == 1:  # renormalised over one expert the weight is always 1: the router would get no LM gradient
+            shape.append("++pretrain.router.norm_topk_prob=false")
         cmd = [str(BIN / "dvc"), "exp", "run", "--queue", "-n", p["name"], TARGET]
         for item in common + dense + shape:
             cmd += ["-S", item]

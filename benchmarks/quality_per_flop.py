@@ -203,8 +203,9 @@ def spread(values: list[float]) -> dict:
 
 def margins(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
     """MoE minus each baseline, per seed (paired: same seed, same data order), val and ood loss, with the
-    seed spread; ``moe_better_every_seed`` and ``beyond_seed_spread`` (every seed below zero and the mean
-    further from zero than the standard deviation of the margin and of either model's loss)."""
+    seed spread and the paired t statistic; ``moe_better_every_seed`` and ``beyond_seed_spread`` (every
+    seed below zero and the mean further from zero than the standard deviation of the margin and of
+    either model's loss)."""
     out = {}
     for base in BASELINES:
         if base not in runs:
@@ -214,7 +215,9 @@ def margins(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
             diffs = [runs["moe"][s][metric] - runs[base][s][metric] for s in seeds]
             stats = spread(diffs)
             noise = max(stats["std"], *(spread([runs[m][s][metric] for s in seeds])["std"] for m in ("moe", base)))
-            row[metric] = {**stats, "per_seed": dict(zip(map(str, seeds), diffs)),
+            # paired t statistic of the margin (Student's t with n - 1 degrees of freedom)
+            t = stats["mean"] / (stats["std"] / math.sqrt(len(diffs))) if len(diffs) > 1 and stats["std"] > 0 else None
+            row[metric] = {**stats, "paired_t": t, "per_seed": dict(zip(map(str, seeds), diffs)),
                            "moe_better_every_seed": stats["max"] < 0,
                            # one seed has no spread to judge against
                            "beyond_seed_spread": stats["max"] < 0 and -stats["mean"] > noise if len(seeds) > 1 else None}

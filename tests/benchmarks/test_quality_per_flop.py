@@ -76,6 +76,7 @@ def test_margins_are_paired_by_seed_and_judged_against_the_spread():
     m = qpf.margins(runs, [0, 1, 2])["moe_minus_dense_active"]["val_loss"]
     assert m["per_seed"] == pytest.approx({"0": -0.05, "1": -0.04, "2": -0.06})
     assert m["mean"] == pytest.approx(-0.05) and m["std"] == pytest.approx(0.01)
+    assert m["paired_t"] == pytest.approx(-0.05 / (0.01 / 3**0.5))
     assert (m["min"], m["max"]) == pytest.approx((-0.06, -0.04))
     assert m["moe_better_every_seed"] and m["beyond_seed_spread"]  # 0.05 > the MoE's own spread 0.02
     # ahead on every seed, but by less than the seeds scatter the MoE's loss: not beyond the spread
