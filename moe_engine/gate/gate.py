@@ -116,6 +116,9 @@ def load_sources(items: list[str]) -> dict[str, dict]:
     return sources
 
 
+MISSING = object()  # a recorded setting the run's params do not have
+
+
 def comparable(baseline: dict, params: dict) -> list[str]:
     """The dotted settings whose values differ between the baseline's recorded params and ``params``
     (empty: comparable, or the baseline records none)."""
@@ -132,7 +135,6 @@ def comparable(baseline: dict, params: dict) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    want = flat(recorded)
-    sections = {key.split(".")[0] for key in want}
-    have = flat({s: params.get(s, {}) for s in sections})
-    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    want = flat(recorded)  # only what the baseline records is compared: it names the settings that matter
+    have = flat({s: params.get(s) or {} for s in {key.split(".")[0] for key in want}})
+    return sorted(k for k in want if want[k] != have.get(k, MISSING))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from moe_engine.gate.gate import GateError, evaluate, markdown
+from moe_engine.gate.gate import GateError, comparable, evaluate, markdown
 
 BASE = {"checks": [
     {"name": "loss", "source": "ev", "key": "moe.val_loss", "baseline": 5.0, "better": "lower", "tolerance": 0.02},
@@ -57,3 +57,30 @@ def test_an_empty_or_malformed_baseline_exits_2(baseline, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moe_engine.cli", "gate", "--baseline", str(path),
                            "--metrics", f"ev={tmp_path / 'ev.json'}"], capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_comparable_checks_only_the_settings_the_baseline_records():
+    params = {"pretrain": {"steps": 300, "lr": 3e-3, "model": {"num_local_experts": 8}}, "data": {"seed": 0}}
+    baseline = {"params": {"pretrain": {"steps": 300, "model": {"num_local_experts": 8}}}}
+    assert comparable(baseline, params) == []  # lr and data are not recorded: not compared
+    assert comparable({}, params) == []
+    assert comparable(baseline, {**params, "pretrain": {**params["pretrain"], "steps": 20}}) == ["pretrain.steps"]
+    assert comparable(baseline, {"pretrain": {"steps": 300}}) == ["pretrain.model.num_local_experts"]  # missing differs
+    assert comparable(baseline, {}) == ["pretrain.model.num_local_experts", "pretrain.steps"]
+    with pytest.raises(GateError, match="must map params.yaml sections"):
+        comparable({"params": ["steps"]}, params)
+
+
+def test_gate_cli_gives_no_verdict_for_other_settings(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({**BASE, "params": {"pretrain": {"steps": 300}}}))
+    (tmp_path / "ev.json").write_text(json.dumps({"moe": {"val_loss": 6.0}, "gap": 0.0}))
+    (tmp_path / "tr.json").write_text(json.dumps({"tokens_per_s": 100.0}))
+    cmd = [sys.executable, "-m", "moe_engine.cli", "gate", "--baseline", str(tmp_path / "b.json"), "--out", str(tmp_path / "r.md"),
+           "--metrics", f"ev={tmp_path / 'ev.json'}", "--metrics", f"tr={tmp_path / 'tr.json'}"]
+    for steps, verdict in ((300, False), (50, None)):
+        (tmp_path / "params.yaml").write_text(f"pretrain: {{steps: {steps}, lr: 1.0e-3}}\n")
+        proc = subprocess.run(cmd + ["--params", str(tmp_path / "params.yaml")], capture_output=True, text=True)
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["passed"] is verdict, proc.stdout
+        assert report["not_comparable"] == ([] if verdict is not None else ["pretrain.steps"])
+        assert proc.returncode == (1 if verdict is False else 0)

@@ -60,7 +60,7 @@ def test_unknown_params_section_is_refused_with_the_valid_ones(demo_data, tmp_pa
     params = tmp_path / "params.yaml"
     params.write_text("pretrain: {steps: 2}\npretrian: {steps: 3}\n")
     assert main(["pretrain", "--data", str(demo_data), "--params", str(params), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown section(s) pretrian (valid: analyze, data, evaluate, pretrain" in capsys.readouterr().err
+    assert "unknown section(s) pretrian (valid: analyze, benchmark, data, evaluate, export, finetune, pretrain" in capsys.readouterr().err
 
 
 def test_a_missing_shard_is_named_before_training(demo_data, tmp_path, capsys):
