@@ -88,7 +88,8 @@ def pipeline(steps: int | None = None, arch: str | None = None, lr: float | None
         if gate:
             summary["gate"] = benchmark_gate(model_name=model_name, tracking_uri=uri, parent_run_id=parent, root=workdir)
         if sets:
-            summary["experiment"] = save_experiment(workdir, f"prefect-{(flow_run.id or 'run')[:8]}")
+            summary["experiment"] = save_experiment(workdir, f"prefect-{(flow_run.id or 'run')[:8]}",
+                                                    [*results, *(["gate"] if gate else [])])
         status = "FINISHED"
         return summary
     finally:

@@ -10,6 +10,8 @@ with the valid keys named, before any stage starts.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from prefect import task
@@ -67,15 +69,17 @@ def apply_params(root: str, overrides: list[str]) -> dict[str, str]:
 
 
 @task(name="save-experiment", cache_policy=NO_CACHE)
-def save_experiment(root: str, name: str | None = None) -> str:
-    """``dvc exp save``: record the run workspace (params, dvc.lock, outputs in the DVC cache) as an experiment."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(root) as repo:
-            rev = repo.experiments.save(name=name, force=True)
-    except DvcException as exc:
-        raise RuntimeError(f"dvc exp save failed: {exc} (it needs a git repository with a commit and a git "
-                           "identity: git config user.name/user.email)") from exc
-    return rev
+def save_experiment(root: str, name: str, stages: list[str] | None = None) -> str:
+    """``dvc exp save`` in ``root`` (a run workspace): its params, dvc.lock and outputs (in the DVC cache)
+    become a DVC experiment named ``name``, listed by ``dvc exp show`` in the project. Run as DVC's own
+    command in the workspace: DVC's experiment executor resolves paths from the working directory, and a
+    flow process works from the project's. ``stages``: only these stages' outputs (a run without the gate
+    has no gate report); default all. Returns the name."""
+    dvc = Path(sys.executable).with_name("dvc")
+    proc = subprocess.run([str(dvc) if dvc.exists() else "dvc", "exp", "save", "--force", "-n", name, *(stages or [])],
+                          cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp save failed in {root}: {(proc.stderr or proc.stdout).strip()} (it needs a git "
+                           "repository with a commit and a git identity: git config user.name/user.email)")
+    return name

@@ -5,7 +5,7 @@
 Checkpoints are given in training order; the last one is the reference of router saturation and the
 one the per-layer tables describe. Outputs in ``out_dir``: ``report.html`` (self-contained: a health
 verdict per layer first, then the tables and plots; report_page.py), ``load_heatmap.png``,
-``coactivation.png``, ``domain_specialisation.png``, ``saturation.png`` (two or more checkpoints),
+``coactivation.png``, ``domain_specialisation.png``, ``saturation.png`` (meaningful from two checkpoints on),
 CSV tables (``saturation.csv`` with a numeric ``step`` for DVC plots) and ``metrics.json``: a short
 nested summary of the last checkpoint, ``{"router": {"layers", "balanced", "imbalanced", "collapsed",
 "load_imbalance_max", ...}}``, so ``dvc metrics show`` stays narrow (per-layer values are in
@@ -160,8 +160,10 @@ def _write_outputs(recorders, names, dataset, cfg, tok, out: Path) -> AnalysisRe
             result.tables["domain_specialisation"], out / "domain_specialisation.png"
         ),
     }
+    # always drawn (the DVC stage declares it): with one checkpoint it is that checkpoint against itself
+    saturation_png = plots.saturation_curve(result.tables["saturation"], out / "saturation.png", baseline=uniform)
     if len(recorders) > 1:
-        result.pngs["saturation"] = plots.saturation_curve(result.tables["saturation"], out / "saturation.png", baseline=uniform)
+        result.pngs["saturation"] = saturation_png
     meta = {
         "checkpoints (training order)": ", ".join(names),
         "domains (tokens)": ", ".join(f"{d} ({ids.numel():,})" for d, ids in dataset.items()),

@@ -148,5 +148,7 @@ def saturation_curve(sat: pd.DataFrame, path: Path, baseline: float | None = Non
         order = sat.drop_duplicates("index").sort_values("index")
         ax.set_xticks(order["index"], order["checkpoint"], rotation=30, ha="right")
     ax.legend(fontsize=7, ncols=2)
-    ax.set_title("Router saturation against the final checkpoint")
+    one = sat["checkpoint"].nunique() == 1 if "checkpoint" in sat else len(mean) == 1
+    ax.set_title("Router saturation against the final checkpoint"
+                 + (" (one checkpoint: compared with itself; give two or more)" if one else ""), fontsize=9 if one else None)
     return _save(fig, path)

@@ -93,7 +93,10 @@ def test_text_folder_and_tokenizer_input(tmp_path, corpus_dir, gpt2_dir, capsys)
     assert "kjv_bible (512)" in html and "sqlite_docs (512)" in html
     assert "saturation needs two or more" in html
     assert re.search(r"'[^']*' \d+\.\dx \(\d+% of \d+\)", html)  # decoded tokens, ranked by lift
-    assert not (tmp_path / "out" / "saturation.png").exists()
+    assert (tmp_path / "out" / "saturation.png").exists()  # the DVC stage's declared output, even for one checkpoint
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "out" / "saturation.csv")["saturation"].eq(1.0).all()  # itself: 100%
 
 
 def _tiny_ids(tmp_path):
