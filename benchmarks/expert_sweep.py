@@ -173,7 +173,7 @@ def collect(show: list[dict]) -> list[dict]:
                              "pretrain_dense_model": params.get("pretrain_dense", {}).get("model", {}),
                              "steps": params.get("pretrain", {}).get("steps"),
                              "moe": evaluate.get("moe", {}), "dense": evaluate.get("dense", {}),
-                             "moe_minus_dense_val_loss": evaluate.get("moe_minus_dense_val_loss"),
+                             "moe_minus_dense": evaluate.get("moe_minus_dense", {}),  # {val, ood}
                              "pretrain": metrics.get("outputs/pretrain/metrics.json", {}),
                              "pretrain_dense": metrics.get("outputs/pretrain_dense/metrics.json", {})})
     return rows
@@ -193,6 +193,10 @@ def plot(result: dict, path: Path) -> None:
     dense = next((r["dense"] for r in result["experiments"] if r["dense"]), {})
     for ax, (axis, label) in zip(axes, axes_spec):
         pts = sorted((p[axis], by_name[p["name"]]) for p in result["points"] if axis in p["axes"] and p["name"] in by_name)
+        if not pts:  # an axis this sweep did not vary
+            ax.text(0.5, 0.5, f"{label}: not swept", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         for metric, colour, name in (("val_loss", "tab:red", "validation"), ("ood_loss", "tab:purple", "out of domain")):
             xs = [x for x, r in pts if r["moe"].get(metric) is not None]
             ys = [r["moe"][metric] for x, r in pts if r["moe"].get(metric) is not None]

@@ -173,15 +173,16 @@ def train_one(base: dict, data: Path, vocab_size: int, kind: str, seed: int, ste
     summary = json.loads((out / "metrics.json").read_text())
     t1 = time.perf_counter()
     scores = evaluate_model(out / "model", data, batch_size=args.eval_batch_size, expect_moe=kind == "moe")
-    tokens_per_s = summary["tokens_trained"] / max(curve.train_seconds(), 1e-9)
+    size, cost = summary["size"], summary["cost"]  # the trainer's nested metrics.json
+    tokens_per_s = cost["tokens_trained"] / max(curve.train_seconds(), 1e-9)
     record = {
         "model": kind, "seed": seed, "steps": steps, "dense_baseline": DENSE[kind],
         "val_loss": scores.get("val_loss"), "ood_loss": scores.get("ood_loss"),
         "val_perplexity": scores.get("val_perplexity"), "ood_perplexity": scores.get("ood_perplexity"),
         "domains": {name: d["loss"] for name, d in scores["domains"].items()},
-        "params_total": summary["params_total"], "params_active": summary["params_active"],
-        "flops_per_token": summary["flops_per_token"], "tokens_trained": summary["tokens_trained"],
-        "train_flops": summary["train_flops"], "final_train_loss": summary["final_loss"],
+        "params_total": size["params_total"], "params_active": size["params_active"],
+        "flops_per_token": size["flops_per_token"], "tokens_trained": cost["tokens_trained"],
+        "train_flops": cost["train_flops"], "final_train_loss": summary["loss"]["train_final"],
         "tokens_per_s": tokens_per_s, "train_seconds": curve.train_seconds(), "fit_wall_seconds": wall,
         "score_seconds": time.perf_counter() - t1, "load_average_end": os.getloadavg()[0],
         "mlflow_run_id": result.mlflow_run_id, "model_dir": str(out / "model"),

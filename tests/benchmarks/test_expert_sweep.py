@@ -36,11 +36,11 @@ def test_collect_reads_dvc_exp_show():
                 "revs": [{"rev": "def", "name": "E4-k1-F32", "error": None, "data": {
                     "params": {"params.yaml": {"data": {"pretrain": {"steps": 4, "model": {"num_local_experts": 4}}}}},
                     "metrics": {"outputs/evaluate/metrics.json": {"data": {"moe": {"val_loss": 5.0}, "dense": {"val_loss": 5.1},
-                                                                            "moe_minus_dense_val_loss": -0.1}}}}}]}]}]
+                                                                            "moe_minus_dense": {"val": -0.1}}}}}}]}]}]
     rows = expert_sweep.collect(show)
     assert rows == [{"name": "E4-k1-F32", "rev": "def", "state": "success", "error": None,
                      "pretrain_model": {"num_local_experts": 4}, "pretrain_dense_model": {}, "steps": 4,
-                     "moe": {"val_loss": 5.0}, "dense": {"val_loss": 5.1}, "moe_minus_dense_val_loss": -0.1,
+                     "moe": {"val_loss": 5.0}, "dense": {"val_loss": 5.1}, "moe_minus_dense": {"val": -0.1},
                      "pretrain": {}, "pretrain_dense": {}}]
 
 
@@ -56,8 +56,8 @@ def test_smoke_sweep_runs_dvc_experiments(tmp_path):
     for name, r in done.items():
         experts = int(name.split("-")[0][1:])
         assert r["pretrain_model"]["num_local_experts"] == experts  # the -S override reached params.yaml
-        assert r["pretrain"]["params_total"] > 0 and r["moe"]["val_loss"] > 0
-        assert r["moe_minus_dense_val_loss"] == pytest.approx(r["moe"]["val_loss"] - r["dense"]["val_loss"])
+        assert r["pretrain"]["size"]["params_total"] > 0 and r["moe"]["val_loss"] > 0
+        assert r["moe_minus_dense"]["val"] == pytest.approx(r["moe"]["val_loss"] - r["dense"]["val_loss"])
     # one dense baseline, FLOP-matched to every point (same active width), restored from DVC's run cache
     assert len({json.dumps(r["dense"], sort_keys=True) for r in done.values()}) == 1
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

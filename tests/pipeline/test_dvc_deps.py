@@ -91,3 +91,29 @@ def test_the_closure_sees_function_level_imports():
     closure = {str(f.relative_to(REPO)) for f in import_closure("moe_engine.training.cli")}
     assert "moe_engine/data/span_corruption.py" in closure  # imported inside Trainer._check_model_settings
     assert "moe_engine/moe/router.py" in closure and "moe_engine/models/adapters.py" in closure
+
+
+def test_git_sees_exactly_the_small_outputs_dvc_leaves_uncached():
+    """``cache: false`` outputs (metrics, histories, reports) must not be git-ignored, or ``dvc exp run``
+    commits experiments without their metrics and ``dvc metrics diff`` has nothing to compare; every
+    cached output (models, shards) must stay ignored."""
+    import subprocess
+
+    uncached, cached = [], []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind) or []:
+                path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+                (uncached if (opts or {}).get("cache") is False else cached).append(path)
+    assert uncached and cached
+
+    def ignored(paths: list[str]) -> set[str]:
+        proc = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=REPO, input="\n".join(paths),
+                              capture_output=True, text=True)
+        assert proc.returncode in (0, 1), proc.stderr
+        return set(proc.stdout.split())
+
+    assert ignored(uncached) == set(), "un-ignore these in .gitignore"
+    assert ignored(cached) == set(cached)
+    assert ignored(["outputs/runs/x/outputs/pretrain/metrics.json", "outputs/quickstart/metrics.json"]) == {
+        "outputs/runs/x/outputs/pretrain/metrics.json", "outputs/quickstart/metrics.json"}
