@@ -52,7 +52,7 @@ browser:  ## headless Chromium (Debian's package) for the browser tests of the r
 # printed, and the run fails below the floor (90% of the core: moe_engine without its GPU-only kernels).
 test: setup browser  ## run the whole test suite with coverage (fails below 90% of the core)
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(abspath .coverage) $(BIN)/python -m coverage run -m pytest -q
+	COVERAGE_FILE=$(abspath .coverage) OMP_NUM_THREADS=1 $(BIN)/python -m coverage run -m pytest -q -n 2 --dist loadfile
 	COVERAGE_FILE=$(abspath .coverage) $(BIN)/python -m coverage combine -q
 	COVERAGE_FILE=$(abspath .coverage) $(BIN)/python -m coverage report
 

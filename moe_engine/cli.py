@@ -40,13 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a real default its text does not state
+    already (no ``(default: None)``, no default said twice)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], "") or default is argparse.SUPPRESS
+                or action.option_strings == [] or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every command and subcommand lists its options' defaults in --help (one style at every level)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                if child.formatter_class is argparse.HelpFormatter:
-                    child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                if child.formatter_class in (argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+                    child.formatter_class = DefaultsHelpFormatter
                 _show_defaults(child)
 
 

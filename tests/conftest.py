@@ -15,6 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# The longest test files, started first: `make test` runs the suite on two workers (pytest-xdist,
+# --dist loadfile: a file's tests stay in order on one worker), so the long orchestration file must not
+# be the last one handed out.
+LONGEST_FIRST = ["pipeline/test_orchestration.py", "export/test_graphs.py", "export/test_fused.py",
+                 "export/test_quantized.py", "training/test_distributed.py", "tracking/test_mlflow_run.py",
+                 "benchmarks/test_expert_sweep.py", "test_readme.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item):
+        rel = Path(str(item.fspath)).relative_to(REPO / "tests").as_posix()
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)  # stable: the order inside each file, and of the other files, is kept
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

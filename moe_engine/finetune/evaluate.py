@@ -59,8 +59,10 @@ def exact_match(model, encoder: TaskEncoder, records: list[dict], max_new_tokens
 
 @torch.no_grad()
 def router_choices(model, encoded, pad_id: int, batch_size: int = 16) -> dict[str, np.ndarray]:
-    """{layer: [tokens, K] sorted top-k expert ids} over the non-padding tokens of ``encoded``."""
-    names = {m: n for n, m in model.named_modules() if m in set(moe_layers(model))}
+    """{layer: [tokens, K] sorted top-k expert ids} over the non-padding tokens of ``encoded``; layers are
+    named as in the bare model (a peft wrapper's ``base_model.model.`` prefix removed), so a LoRA model's
+    choices compare with its base model's."""
+    names = {m: n.removeprefix("base_model.model.") for n, m in model.named_modules() if m in set(moe_layers(model))}
     chosen: dict[str, list[np.ndarray]] = {n: [] for n in names.values()}
 
     def hook(layer, routing, counts):
@@ -87,8 +89,10 @@ def router_choices(model, encoded, pad_id: int, batch_size: int = 16) -> dict[st
 
 def router_drift(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, float]:
     """Per layer, the share of tokens whose top-k set differs between the two models."""
+    if set(before) != set(after):
+        raise ValueError(f"router choices of other layers: {sorted(before)} vs {sorted(after)}")
     return {layer: float((before[layer] != after[layer]).any(axis=1).mean()) if len(before[layer]) else 0.0
-            for layer in before if layer in after}
+            for layer in before}
 
 
 def retention(model, data_dir: Path | None, sequences: int, batch_size: int) -> dict[str, float]:

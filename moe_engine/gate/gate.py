@@ -12,6 +12,8 @@ bad direction, relative (``tolerance``) or absolute (``tolerance_abs``; the larg
        "baseline": 1.17, "better": "lower", "tolerance": 0.10}
     ]}
 
+A check with ``"per": {"source": ..., "key": ...}`` gates the ratio of its metric to that one (e.g. the
+MoE's tokens/s per dense tokens/s: a ratio measured on one machine travels better than either number).
 ``evaluate(...)`` returns rows and whether all passed; ``markdown(rows)`` is the diff table.
 
 A baseline may record the settings it was measured with (``"params": {section: {key: value}}``, a
@@ -78,6 +80,16 @@ def evaluate(baseline: dict, sources: dict[str, dict]) -> tuple[list[CheckResult
         if check["source"] not in sources:
             raise GateError(f"check {check['name']!r} reads source {check['source']!r}, which was not given (--metrics NAME=PATH)")
         value = lookup(sources[check["source"]], check["key"])
+        if "per" in check:  # a ratio of two metrics (MoE / dense tokens/s): steadier across machines than either
+            per = check["per"]
+            if not isinstance(per, dict) or set(per) != {"source", "key"}:
+                raise GateError(f"check {check['name']!r}: 'per' must be {{\"source\": NAME, \"key\": DOTTED.KEY}}")
+            if per["source"] not in sources:
+                raise GateError(f"check {check['name']!r} divides by source {per['source']!r}, which was not given "
+                                "(--metrics NAME=PATH)")
+            denominator = lookup(sources[per["source"]], per["key"])
+            ok_number = isinstance(value, (int, float)) and isinstance(denominator, (int, float)) and denominator != 0
+            value = value / denominator if ok_number else None
         tol = float(check.get("tolerance", 0.0))
         tol_abs = float(check.get("tolerance_abs", 0.0))
         base = float(check["baseline"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import moe_engine as me
 from moe_engine.finetune.data import IGNORE, TaskEncoder, collate
@@ -146,6 +146,10 @@ def test_full_finetune_keeps_a_frozen_router_and_compares_methods(base, demo_dat
     assert any(not torch.equal(before[k], after[k]) for k in before if "self_attn" in k)
     table = (tmp_path / "compare.md").read_text()
     assert "| full: before -> after | lora: before -> after |" in table and "router drift" in table
+    layers = {f"model.layers.{i}.mlp" for i in range(AutoConfig.from_pretrained(base).num_hidden_layers)}
+    for method in ("full", "lora"):  # a drift per MoE layer, the LoRA (peft-wrapped) model's included
+        drift = results[method].metrics["router_drift"]
+        assert set(drift) - {"mean"} == layers and all(0.0 <= v <= 1.0 for v in drift.values()), (method, drift)
 
 
 def test_sft_loss_is_the_cross_entropy_of_response_tokens_only(base):

@@ -84,3 +84,19 @@ def test_gate_cli_gives_no_verdict_for_other_settings(tmp_path):
         assert report["passed"] is verdict, proc.stdout
         assert report["not_comparable"] == ([] if verdict is not None else ["pretrain.steps"])
         assert proc.returncode == (1 if verdict is False else 0)
+
+
+def test_a_ratio_check_divides_by_another_metric():
+    ratio = {"checks": [{"name": "moe/dense tokens/s", "source": "moe", "key": "throughput.tokens_per_s",
+                         "per": {"source": "dense", "key": "throughput.tokens_per_s"},
+                         "baseline": 0.75, "better": "higher", "tolerance": 0.2}]}
+    (row,), ok = evaluate(ratio, {"moe": {"throughput": {"tokens_per_s": 150.0}}, "dense": {"throughput": {"tokens_per_s": 200.0}}})
+    assert ok and row.current == pytest.approx(0.75)
+    (row,), ok = evaluate(ratio, {"moe": {"throughput": {"tokens_per_s": 100.0}}, "dense": {"throughput": {"tokens_per_s": 200.0}}})
+    assert not ok and row.current == pytest.approx(0.5)  # below 0.75 - 0.15
+    (row,), ok = evaluate(ratio, {"moe": {"throughput": {"tokens_per_s": 100.0}}, "dense": {"throughput": {"tokens_per_s": 0}}})
+    assert not ok and row.current is None  # no ratio of a zero: a failure, not a crash
+    with pytest.raises(GateError, match="'per' must be"):
+        evaluate({"checks": [dict(ratio["checks"][0], per="dense")]}, {"moe": {}, "dense": {}})
+    with pytest.raises(GateError, match="divides by source 'dense'"):
+        evaluate(ratio, {"moe": {}})
