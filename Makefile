@@ -34,7 +34,7 @@ setup: $(STAMP)  ## create .venv and install the project with every extra
 # server): every DVC stage of dvc.yaml that is not up to date (all of them on a fresh clone), one MLflow
 # run per stage under a pipeline run in mlflow/mlflow.db, the models registered as @candidate, the gate,
 # and @champion when it passes. `dvc repro` runs the same stages without Prefect and the registry.
-demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow over the DVC stages), CPU, ~6 min
+demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow over the DVC stages), CPU, about 6 min on 2 cores
 	PATH="$(abspath $(BIN)):$$PATH" PREFECT_HOME="$(abspath mlflow/store/prefect)" \
 		MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow)/mlflow.db}" $(BIN)/python flows/pipeline.py
 	@echo; echo "== MoE vs dense baseline at equal training FLOPs (outputs/evaluate/compare.md)"; cat outputs/evaluate/compare.md

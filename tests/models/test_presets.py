@@ -38,3 +38,31 @@ def test_bad_names_give_clear_errors():
         me.build_model("mixtral", "huge")
     with pytest.raises(ValueError, match="no field"):
         me.build_model("mixtral", num_expertz=4)
+
+
+def test_presets_command_counts_parameters_as_stock_transformers_does(capsys):
+    """`moe-lab presets`: total parameters equal the stock model's own count (built on the meta device);
+    active ones drop exactly the experts a token does not use."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_engine.cli import main
+    from moe_engine.models.build import model_config
+
+    assert main(["presets", "--arch", "mixtral", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"tiny", "mixtral-8x7b"} <= set(rows) and {r["arch"] for r in rows.values()} == {"mixtral"}
+    for name in ("tiny", "mixtral-8x7b"):
+        config = model_config("mixtral", name)
+        with torch.device("meta"):
+            stock = AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in stock.parameters())
+        expert = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers  # w1, w2, w3 of one expert
+        assert rows[name]["params_total"] == total, name
+        assert rows[name]["params_active"] == total - (config.num_local_experts - config.num_experts_per_tok) * expert
+        assert (rows[name]["experts"], rows[name]["top_k"]) == (config.num_local_experts, config.num_experts_per_tok)
+    assert main(["presets", "--arch", "olmoe"]) == 0
+    table = capsys.readouterr().out
+    assert "olmoe-4l" in table and "mixtral-8x7b" not in table and "architecture names accepted" in table

@@ -46,7 +46,7 @@ def _history(path: Path, steps: int, start: float, seed: int) -> None:
     rows = [",".join(FIELDS)]
     for step in range(1, steps + 1):
         loss = 2.0 + (start - 2.0) * math.exp(-step / 15) + 0.02 * math.sin(step * (seed + 1))
-        rows.append(f"{step},{loss!r},{3e-3 * min(1, step / 5)!r}")
+        rows.append(f"{step},{loss!r},{3e-3 * min(1, step / 5)!r},{step * 4.5e9 * (1 + 0.01 * seed)!r}")
     path.write_text("\n".join(rows) + "\n")
 
 

@@ -47,6 +47,8 @@ def test_training_lowers_the_loss_and_exports_a_stock_checkpoint(demo_data, tmp_
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["throughput"]["tokens_per_s"] > 0
     assert metrics["loss"]["val"] == result.val_loss and metrics["size"]["params_total"] > metrics["size"]["params_active"]
+    flops = [row["train_flops"] for row in _history(tmp_path)]  # cumulative: loss against compute in `dvc plots`
+    assert flops[-1] == pytest.approx(metrics["cost"]["train_flops"]) and flops[0] == pytest.approx(flops[-1] / 40)
 
 
 def _train_cmd(data, out, steps):

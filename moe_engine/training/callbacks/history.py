@@ -1,5 +1,6 @@
-"""Per-step loss and lr as CSV (``history.csv``: step, loss, lr), the format DVC plots and pandas
-read. On resume, rows past the checkpoint's step (written by the interrupted run) are dropped first."""
+"""Per-step loss and lr as CSV (``history.csv``: step, loss, lr, and the cumulative training FLOPs
+``train_flops`` so that models of different cost can be compared at equal compute), the format DVC plots
+and pandas read. On resume, rows past the checkpoint's step (written by the interrupted run) are dropped first."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from moe_engine.training.loop import Callback
 
-FIELDS = ("step", "loss", "lr")
+FIELDS = ("step", "loss", "lr", "train_flops")
 
 
 class History(Callback):
@@ -33,7 +34,9 @@ class History(Callback):
 
     def post_step(self, loop):
         if self.file is not None:
-            self.writer.writerow({"step": loop.step, "loss": repr(loop.losses[-1]), "lr": repr(loop.lr)})
+            flops = getattr(loop, "flops_per_token", None)
+            self.writer.writerow({"step": loop.step, "loss": repr(loop.losses[-1]), "lr": repr(loop.lr),
+                                  "train_flops": repr(float(flops * loop.tokens_per_step * loop.step)) if flops else ""})
             self.file.flush()
 
     def close(self, loop, error):
@@ -45,4 +48,5 @@ class History(Callback):
 def read_history(path: Path) -> list[dict]:
     """Rows of a history.csv as dicts of numbers."""
     with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
+                 "train_flops": float(r["train_flops"]) if r.get("train_flops") else None} for r in csv.DictReader(f)]
