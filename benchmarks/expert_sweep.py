@@ -89,7 +89,7 @@ def workspace(base: Path, source: Path, pipeline_from: Path | None, env: dict) -
     repo = base / "repo"
     files = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], source, env).stdout.split("\0")
     for name in filter(None, files):
-        if (source / name).is_file():
+        if (source / name).is_file() and not name.startswith("outputs/"):  # no results of the source's own runs
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, repo / name)
     if pipeline_from is not None:

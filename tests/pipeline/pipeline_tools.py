@@ -30,7 +30,7 @@ TINY = {
 # A gate the debug run passes (the committed baseline is for the demo size); tests swap in failing ones.
 PASSING_GATE = {"checks": [{"name": "MoE validation loss", "source": "evaluate", "key": "moe.val_loss",
                             "baseline": 100.0, "better": "lower", "tolerance": 0.0}],
-                "params": {"pretrain": {"steps": 20}}}  # a run with other steps gets no verdict
+                "params": {"pretrain": {"steps": 20}, "evaluate": {"max_sequences": 32}}}  # other settings: no verdict
 
 
 def merge(base: dict, extra: dict) -> dict:
