@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_engine.moe import router_kernels  # noqa: E402
 from moe_engine.moe import swiglu as swiglu_mod  # noqa: E402
 from moe_engine.moe.layer import MoEConfig  # noqa: E402
 from moe_engine.moe.router import RouterConfig  # noqa: E402
@@ -63,8 +64,11 @@ class DenseSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def engine_layer(D, F_, E, K, norm):
-    rc = RouterConfig(kind="topk", num_experts=E, top_k=K, norm_topk_prob=norm, aux_loss_coef=0.0)
+AUX_LOSS_COEF = 0.01  # the engine layer trains with its balance loss, as in pretraining
+
+
+def engine_layer(D, F_, E, K, norm, aux_loss_coef=AUX_LOSS_COEF):
+    rc = RouterConfig(kind="topk", num_experts=E, top_k=K, norm_topk_prob=norm, aux_loss_coef=aux_loss_coef)
     return MoEConfig(hidden_size=D, ffn_size=F_, router=rc).build()
 
 
@@ -179,6 +183,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
 
     variants = {"engine": lambda: engine}
     variants["engine (eager SwiGLU)"] = lambda: engine
+    variants["engine (PyTorch router)"] = lambda: engine  # the router before its fused kernel
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
     for impl in ("eager", "grouped_mm", "batched_mm", "sonicmoe", "deepgemm"):
@@ -193,6 +198,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
     for vname, make in variants.items():
         row = {}
         swiglu_mod.FUSED["enabled"] = "eager SwiGLU" not in vname
+        router_kernels.FUSED["enabled"] = "PyTorch router" not in vname
         try:
             if vname.startswith("transformers batched_mm") and tokens * K * 3 * F_ * D * 2 > 20e9:
                 raise MemoryError(f"batched_mm gathers a weight copy per token: {tokens * K * 3 * F_ * D * 2 / 1e9:.0f} GB")
@@ -229,6 +235,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         finally:
             swiglu_mod.FUSED["enabled"] = True
+            router_kernels.FUSED["enabled"] = True
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results[vname] = row
@@ -282,7 +289,8 @@ def main(argv=None):
         except Exception as exc:
             print(f"DeepSpeed unavailable: {exc}", file=sys.stderr)
             include_ds = False
-    report = {"env": environment(device), "dtype": str(dtype), "tokens": tokens, "shapes": {}}
+    report = {"env": environment(device), "dtype": str(dtype), "tokens": tokens,
+              "engine_router": f"top-k softmax with the balance loss (coef {AUX_LOSS_COEF}) in fwd+bwd", "shapes": {}}
     for name, dims in shapes.items():
         D, F_, E, K, norm = dims
         report["shapes"][name] = {

@@ -6,7 +6,10 @@ Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s tak
 (micro-batches per optimizer step, default 1), ``epN`` (expert-parallel ranks), ``z2`` (ZeRO-2
 instead of ZeRO-1), ``foreach`` (torch's multi-tensor AdamW instead of the
 fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
-profiled runs are left out of the merged timings: launches stay slower after the profiler stops).
+profiled runs are left out of the merged timings: launches stay slower after the profiler stops),
+``torchrouter`` (the PyTorch router instead of its fused kernel: the before of that change), and
+``f32acc`` (a probe: DeepSpeed's BF16_Optimizer with fp32 gradient accumulation instead of ZeRO's
+bf16 gradients; the trainer does not offer it).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -39,7 +42,8 @@ def parse_run(name: str) -> dict:
     model, *options = name.split(":")
     if model not in MODELS:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
-    spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1}
+    spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
+            "fused_router": True, "f32acc": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -49,10 +53,14 @@ def parse_run(name: str) -> dict:
             spec["fused"] = False
         elif opt == "profile":
             spec["profile"] = True
+        elif opt == "torchrouter":
+            spec["fused_router"] = False
+        elif opt == "f32acc":
+            spec["f32acc"] = True
         elif opt.startswith("z") and opt[1:] in ("1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z1, z2, foreach, profile)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z1, z2, foreach, profile, torchrouter, f32acc)")
     return spec
 
 
@@ -61,7 +69,24 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     import torch.distributed as dist
 
     from benchmarks.moe_layer import environment
+    from moe_engine.moe import router_kernels
+    from moe_engine.training import loop as loop_mod
     from moe_engine.training.trainer import Trainer
+
+    ds_config = loop_mod.TrainLoop._ds_config
+    router_kernels.FUSED["enabled"] = spec["fused_router"]
+    if spec["f32acc"]:
+        loop_mod.TrainLoop._ds_config = lambda self: {**ds_config(self), "data_types": {"grad_accum_dtype": "fp32"}}
+    try:
+        _run_one(args, spec, out_dir, index, Trainer, environment)
+    finally:
+        router_kernels.FUSED["enabled"] = True
+        loop_mod.TrainLoop._ds_config = ds_config
+
+
+def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
+    import torch
+    import torch.distributed as dist
 
     steps = 2 * args.measure
     held_before = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None  # leak check across runs
@@ -84,7 +109,8 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
         seq_len = json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"]
         row = {
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
-            "fused_adamw": spec["fused"], "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
+            "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fp32_grad_accum": spec["f32acc"],
+            "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
             "tokens_per_s": m["train/tokens_per_s"], "tokens_per_s_per_gpu": m["train/tokens_per_s"] / world,
@@ -113,8 +139,11 @@ def run(args) -> int:
     return 0
 
 
+MOE_ONLY_OPTIONS = {"torchrouter"}  # dense models have no router: their pair is the run without it
+
+
 def _options(run: str) -> str:
-    return ":".join(run.split(":")[1:])
+    return ":".join(o for o in run.split(":")[1:] if o not in MOE_ONLY_OPTIONS)
 
 
 

@@ -40,6 +40,12 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, num_
     return num_experts * torch.sum(f_E * p_E)
 
 
+def balance_loss_from_sums(psum_E: torch.Tensor, counts_E: torch.Tensor, denominator, num_experts: int) -> torch.Tensor:
+    """``load_balancing_loss`` from its two sums over tokens (the fused router computes them in its kernel):
+    ``psum_E`` = sum_t m_t probs[t, e] (carries the gradient), ``counts_E`` = sum_t m_t [e chosen by t]."""
+    return num_experts * torch.sum((counts_E / denominator) * (psum_E / denominator))
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss, eq. (5) of Zoph et al. 2022: mean over tokens of logsumexp(logits)^2.
     Keeps router logits small, which keeps the fp32 softmax and bf16 training stable."""

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.config import Config
-from moe_engine.moe.losses import load_balancing_loss, router_z_loss
+from moe_engine.moe import router_kernels
+from moe_engine.moe.losses import balance_loss_from_sums, load_balancing_loss, router_z_loss
 from moe_engine.moe.routing import Routing
 
 
@@ -165,11 +166,30 @@ class TopKRouter(Router):
 
     def route(self, x_TD, group_size=None):
         logits_TE = self.logits(x_TD)
+        if router_kernels.usable(logits_TE, self.top_k):
+            return self.fused_route(logits_TE, x_TD.dtype)
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         topk_weight_TK, topk_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.config.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
         return self.token_choice(logits_TE, probs_TE, topk_idx_TK, topk_weight_TK.to(x_TD.dtype))
+
+    def fused_route(self, logits_TE: torch.Tensor, dtype: torch.dtype) -> Routing:
+        """The same routing and aux losses from one Triton kernel each way (``router_kernels``, CUDA)."""
+        cfg, mask_T = self.config, self.token_mask_T
+        want = {"load_balancing_loss": cfg.aux_loss_coef, "router_z_loss": cfg.z_loss_coef}
+        want = {k: c for k, c in want.items() if c > 0} if torch.is_grad_enabled() else {}
+        probs_TE, idx_TK, w_TK, psum_E, counts_E, zsq = router_kernels.topk_route(
+            logits_TE, mask_T, self.top_k, cfg.norm_topk_prob, bool(want), dtype)
+        routing = Routing(idx_TK.view(-1), w_TK.view(-1), logits_TE, probs_TE, self.num_experts, self.top_k)
+        num_tokens = logits_TE.shape[0]
+        if "load_balancing_loss" in want:
+            den = float(num_tokens) if mask_T is None else mask_T.float().sum().clamp_min(1.0)
+            balance = balance_loss_from_sums(psum_E, counts_E, den, self.num_experts)
+            routing.aux_losses["load_balancing_loss"] = want["load_balancing_loss"] * self.loss_scale * balance
+        if "router_z_loss" in want:
+            routing.aux_losses["router_z_loss"] = want["router_z_loss"] * self.loss_scale * (zsq / num_tokens)
+        return routing
 
 
 @register_router("switch")
