@@ -4,7 +4,7 @@ Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s tak
 ``--measure`` (the first half warms up: allocator, autotuning, Triton compilation). A run is named
 ``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; options are ``gaN``
 (micro-batches per optimizer step, default 1), ``epN`` (expert-parallel ranks), ``z2`` (ZeRO-2
-instead of ZeRO-1), ``foreach`` (torch's multi-tensor AdamW instead of the
+instead of ZeRO-1), ``z0`` (no ZeRO: the engine's fused master-weight AdamW, ``training/master_adamw.py``), ``foreach`` (torch's multi-tensor AdamW instead of the
 fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
 profiled runs are left out of the merged timings: launches stay slower after the profiler stops),
 ``torchrouter`` (the PyTorch router instead of its fused kernel: the before of that change), and
@@ -57,10 +57,10 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "f32acc":
             spec["f32acc"] = True
-        elif opt.startswith("z") and opt[1:] in ("1", "2"):
+        elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z1, z2, foreach, profile, torchrouter, f32acc)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, f32acc)")
     return spec
 
 

@@ -26,6 +26,7 @@ import torch
 from moe_engine.models.adapters import moe_layers
 from moe_engine.training.config import LoopConfig
 from moe_engine.training.flops import count_params, peak_flops, train_flops_per_token, usd_per_million_tokens
+from moe_engine.training.master_adamw import MasterAdamW, cast_parameters
 from moe_engine.training.objectives import Objective, to_device
 
 
@@ -78,6 +79,8 @@ class TrainLoop:
     # set up by setup()
     step: int = 0
     start: int = 0
+    master_weights: bool = False  # bf16 at ZeRO-0: MasterAdamW holds the float32 master weights
+    master_optimizer: Any = None
     losses: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -93,8 +96,11 @@ class TrainLoop:
         torch.manual_seed(cfg.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        if self.bf16 and cfg.zero_stage == 0:
-            raise ValueError("bf16 training needs zero_stage >= 1 (DeepSpeed keeps fp32 master weights in ZeRO)")
+        # bf16 at ZeRO-0: the engine's own float32 master weights (MasterAdamW), not DeepSpeed's ZeRO copies
+        self.master_weights = self.bf16 and cfg.zero_stage == 0
+        if self.master_weights and cfg.ep_size > 1:
+            raise ValueError("bf16 at zero_stage 0 (the fused master-weight AdamW) runs with ep_size 1 only; "
+                             "use zero_stage 1 or 2 for expert parallelism")
         model = self.build_model()
         self.param_counts = count_params(model)
         self.is_moe = bool(moe_layers(model))
@@ -112,7 +118,14 @@ class TrainLoop:
         # fused: one kernel over each flat fp32 partition ZeRO hands the optimizer, instead of ~a dozen
         # foreach passes; the step's cost scales with total (not active) parameters, so MoE feels it most
         fused = cfg.fused_adamw and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused)
+        if self.master_weights:  # one kernel per tensor: bf16 grad in, fp32 master and moments, bf16 weight out
+            cast_parameters(model, torch.bfloat16)
+            optimizer = MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                    max_grad_norm=cfg.grad_clip, fused=fused)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                          fused=fused)
+        self.master_optimizer = optimizer if self.master_weights else None
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._ds_config())
@@ -140,12 +153,14 @@ class TrainLoop:
         return {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.grad_clip,
+            # MasterAdamW clips inside its step (one norm, the factor applied in its kernel)
+            "gradient_clipping": 0.0 if self.master_weights else cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
             # bf16 needs no loss scale, and DeepSpeed's per-parameter overflow scan costs ~6 kernels per
-            # tensor every step; the divergence callback stops on a NaN/inf global norm instead
-            "bf16": {"enabled": self.bf16, "check_grad_overflow": False},
+            # tensor every step; the divergence callback stops on a NaN/inf global norm instead. With
+            # master weights the model is bf16 already and DeepSpeed must not wrap the optimizer.
+            "bf16": {"enabled": self.bf16 and not self.master_weights, "check_grad_overflow": False},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -213,13 +228,20 @@ class TrainLoop:
         for cb in self.callbacks:
             cb.on_loss(self, self.step + 1, loss_value)
         engine.step()
-        self.pending_norm = _grad_norm(engine)
+        self.pending_norm = self.grad_norm()
         for layer, name in self.layer_names.items():
             layer.moe_router.after_step(counts[name])  # e.g. DeepSeek-V3's aux-loss-free bias
         self.step_counts = counts
         self.losses.append(loss_value)
         self.step += 1
         self._steps_since += 1
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the step just applied, on the device (no sync), or None."""
+        if self.master_optimizer is not None:
+            norm = self.master_optimizer.last_grad_norm
+            return None if norm is None else norm.detach()
+        return _grad_norm(self.engine)
 
     def _emit_norm(self, step: int, value: float) -> None:
         for cb in self.callbacks:
@@ -243,7 +265,7 @@ class TrainLoop:
         self._t_last, self._steps_since = time.perf_counter(), 0
         metrics = {"train/loss": self.losses[-1], "train/lr": self.lr, "train/tokens_per_s": tok_s,
                    "cost/tflops_per_s": tok_s * self.flops_per_token / 1e12}
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak:

@@ -211,3 +211,28 @@ def test_zero_stage_1_and_2_train_every_expert_layout(arch, demo_data, tmp_path)
     for stage in (1, 2):  # ZeRO >= 1 puts expert params in DeepSpeed's MoE groups (one module per expert in Switch)
         result = Trainer(arch=arch, data=demo_data, out_dir=tmp_path / str(stage), steps=2, save_every=0, zero_stage=stage, **FAST).fit()
         assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_bf16_at_zero_stage_0_keeps_float32_master_weights_and_resumes_bitwise(demo_data, tmp_path):
+    """bf16 without ZeRO: the engine's MasterAdamW (float32 masters and moments, bf16 weights) trains,
+    and a resumed run repeats the uninterrupted one bitwise."""
+    from moe_engine.training import checkpoint
+
+    import shutil
+
+    kw = dict(arch="mixtral", data=demo_data, precision="bf16", zero_stage=0, steps=6, save_every=3, **FAST)
+    straight = Trainer(out_dir=tmp_path / "straight", **kw).fit()
+    assert straight.losses[-1] < straight.losses[0]
+    saved = tmp_path / "straight" / "checkpoints" / "step_00000003"
+    weights = checkpoint.load_file(saved / "model_ep000.pt")
+    state = checkpoint.load_file(saved / "rank00000.pt")["optimizer"]["state"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert state and all(s[k].dtype == torch.float32 for s in state.values() for k in ("master", "exp_avg", "exp_avg_sq"))
+    # a run stopped after step 3: its checkpoint, and the same settings again
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved, tmp_path / "resumed" / "checkpoints" / saved.name)
+    (tmp_path / "resumed" / "checkpoints" / checkpoint.LATEST).write_text(saved.name)
+    resumed = Trainer(out_dir=tmp_path / "resumed", **kw).fit()
+    assert resumed.losses == straight.losses[3:]  # bitwise
+    with pytest.raises(ValueError, match="ep_size 1 only"):
+        Trainer(out_dir=tmp_path / "ep", **{**kw, "ep_size": 2}).fit()
