@@ -7,7 +7,8 @@ Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s tak
 instead of ZeRO-1), ``z0`` (no ZeRO: the engine's fused master-weight AdamW, ``training/master_adamw.py``), ``foreach`` (torch's multi-tensor AdamW instead of the
 fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
 profiled runs are left out of the merged timings: launches stay slower after the profiler stops),
-``torchrouter`` (the PyTorch router instead of its fused kernel: the before of that change), and
+``torchrouter`` (the PyTorch router instead of its fused kernel: the before of that change),
+``unfusedmonitor`` (the router monitor's own PyTorch statistics instead of the sums from the fused router), and
 ``f32acc`` (a probe: DeepSpeed's BF16_Optimizer with fp32 gradient accumulation instead of ZeRO's
 bf16 gradients; the trainer does not offer it).
 
@@ -43,7 +44,7 @@ def parse_run(name: str) -> dict:
     if model not in MODELS:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
-            "fused_router": True, "f32acc": False}
+            "fused_router": True, "fused_monitor": True, "f32acc": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -55,12 +56,14 @@ def parse_run(name: str) -> dict:
             spec["profile"] = True
         elif opt == "torchrouter":
             spec["fused_router"] = False
+        elif opt == "unfusedmonitor":
+            spec["fused_monitor"] = False
         elif opt == "f32acc":
             spec["f32acc"] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, f32acc)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc)")
     return spec
 
 
@@ -74,13 +77,13 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     from moe_engine.training.trainer import Trainer
 
     ds_config = loop_mod.TrainLoop._ds_config
-    router_kernels.FUSED["enabled"] = spec["fused_router"]
+    router_kernels.FUSED.update(enabled=spec["fused_router"], monitor=spec["fused_monitor"])
     if spec["f32acc"]:
         loop_mod.TrainLoop._ds_config = lambda self: {**ds_config(self), "data_types": {"grad_accum_dtype": "fp32"}}
     try:
         _run_one(args, spec, out_dir, index, Trainer, environment)
     finally:
-        router_kernels.FUSED["enabled"] = True
+        router_kernels.FUSED.update(enabled=True, monitor=True)
         loop_mod.TrainLoop._ds_config = ds_config
 
 
@@ -109,7 +112,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
         seq_len = json.loads((Path(args.data) / "manifest.json").read_text())["seq_len"]
         row = {
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
-            "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fp32_grad_accum": spec["f32acc"],
+            "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fused_monitor": spec["fused_monitor"], "fp32_grad_accum": spec["f32acc"],
             "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
@@ -139,7 +142,7 @@ def run(args) -> int:
     return 0
 
 
-MOE_ONLY_OPTIONS = {"torchrouter"}  # dense models have no router: their pair is the run without it
+MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor"}  # dense models have no router: their pair is the run without it
 
 
 def _options(run: str) -> str:

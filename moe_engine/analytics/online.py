@@ -123,19 +123,24 @@ class RouterMonitor:
         num_experts, num_tokens = routing.num_experts, routing.num_tokens
         num_assignments = routing.expert_idx_A.numel()
         counts_E = counts_E.detach().float()
-        probs_TE = routing.probs_TE.detach().float()
-        if num_experts >= 2:
-            top_T2 = probs_TE.topk(2, dim=-1).values
-            top1_T, margin_T = top_T2[:, 0], top_T2[:, 0] - top_T2[:, 1]
-        else:  # one expert: the margin is the top-1 probability (metrics.router_confidence)
-            top1_T = margin_T = probs_TE[:, 0]
-        per_token_4 = torch.stack([
-            torch.special.entr(probs_TE).sum(-1), top1_T, margin_T, routing.logits_TE.detach().float().logsumexp(-1).square(),
-        ], dim=1).sum(0)
+        if routing.monitor_sums is not None:  # the fused router summed them in its pass over the logits
+            per_token_4, probs_sum_E = routing.monitor_sums[:4], routing.monitor_sums[4:]
+        else:
+            probs_TE = routing.probs_TE.detach().float()
+            if num_experts >= 2:
+                top_T2 = probs_TE.topk(2, dim=-1).values
+                top1_T, margin_T = top_T2[:, 0], top_T2[:, 0] - top_T2[:, 1]
+            else:  # one expert: the margin is the top-1 probability (metrics.router_confidence)
+                top1_T = margin_T = probs_TE[:, 0]
+            per_token_4 = torch.stack([
+                torch.special.entr(probs_TE).sum(-1), top1_T, margin_T,
+                routing.logits_TE.detach().float().logsumexp(-1).square(),
+            ], dim=1).sum(0)
+            probs_sum_E = probs_TE.sum(0)
         aux = layer.last_aux_loss  # the layer summed its aux losses just before calling the hooks
         aux_1 = aux.float().reshape(1) if aux is not None else counts_E.new_zeros(1)
         measured = torch.cat([
-            counts_E, per_token_4, torch.dot(counts_E, probs_TE.sum(0)).reshape(1), aux_1,
+            counts_E, per_token_4, torch.dot(counts_E, probs_sum_E).reshape(1), aux_1,
             routing.num_dropped().reshape(1).float(),
         ])
         scale, constants = self._scales(num_experts, num_tokens, num_assignments, measured.device)

@@ -182,10 +182,12 @@ class MoELayer(nn.Module):
         group = shape[-2] if (self.capacity_per_sequence and hidden_BSD.dim() == 3) else None
         router = self.moe_router
         router.token_mask_T = self._token_mask(shape)
+        router.monitor_stats = bool(self._routing_hooks)
         try:
             routing = router(x_TD, group_size=group)
         finally:
             router.token_mask_T = None
+            router.monitor_stats = False
         recorded = _router_logits_sink()
         if recorded is not None:  # output_router_logits=True: the model's own loss adds the aux loss
             recorded.append(routing.logits_TE.view(*shape[:-1], -1) if self.router_logits_3d else routing.logits_TE)

@@ -101,6 +101,7 @@ class Router(nn.Module, abc.ABC):
         nn.init.normal_(self.weight, std=0.02)
         self.loss_scale = 1.0  # set to 1 / num_moe_layers by the model adapter
         self.token_mask_T: torch.Tensor | None = None  # set by the layer for one forward: False = padding
+        self.monitor_stats = False  # set by the layer for one forward: routing hooks want the fused monitor sums
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.config.jitter_noise > 0:
@@ -179,9 +180,10 @@ class TopKRouter(Router):
         cfg, mask_T = self.config, self.token_mask_T
         want = {"load_balancing_loss": cfg.aux_loss_coef, "router_z_loss": cfg.z_loss_coef}
         want = {k: c for k, c in want.items() if c > 0} if torch.is_grad_enabled() else {}
-        probs_TE, idx_TK, w_TK, psum_E, counts_E, zsq = router_kernels.topk_route(
-            logits_TE, mask_T, self.top_k, cfg.norm_topk_prob, bool(want), dtype)
+        probs_TE, idx_TK, w_TK, psum_E, counts_E, zsq, monitor_sums = router_kernels.topk_route(
+            logits_TE, mask_T, self.top_k, cfg.norm_topk_prob, bool(want), dtype, monitor=self.monitor_stats and router_kernels.FUSED["monitor"])
         routing = Routing(idx_TK.view(-1), w_TK.view(-1), logits_TE, probs_TE, self.num_experts, self.top_k)
+        routing.monitor_sums = monitor_sums
         num_tokens = logits_TE.shape[0]
         if "load_balancing_loss" in want:
             den = float(num_tokens) if mask_T is None else mask_T.float().sum().clamp_min(1.0)

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-FUSED = {"enabled": True}  # benchmarks flip this to measure the unfused router side by side
+FUSED = {"enabled": True, "monitor": True}  # benchmarks flip these to measure the unfused versions side by side
 MAX_EXPERTS = 512
 
 
@@ -54,9 +54,9 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd(logits_ptr, mask_ptr, probs_ptr, idx_ptr, w_ptr, lse_ptr, psum_ptr, cnt_ptr, zsq_ptr, T, E, stride,
-            K: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    def fwd(logits_ptr, mask_ptr, probs_ptr, idx_ptr, w_ptr, lse_ptr, psum_ptr, cnt_ptr, zsq_ptr, mon_ptr, T, E, stride,
+            K: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr, MONITOR: tl.constexpr,
+            KSEL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -77,12 +77,19 @@ def _kernels():
         work = tl.where(cmask[None, :], p, -1.0)
         top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-        for k in tl.static_range(K):
+        top1 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        top2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for k in tl.static_range(KSEL):  # KSEL = K, or 2 when the monitor needs the runner-up of a top-1 router
             best = tl.max(work, axis=1)
-            pick = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)  # lowest index of the max
-            top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
-            top_i = tl.where(kcols[None, :] == k, pick[:, None], top_i)
-            work = tl.where(cols[None, :] == pick[:, None], -2.0, work)
+            if k == 0:
+                top1 = best
+            if k == 1:
+                top2 = best
+            if k < K:
+                pick = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)  # lowest index of the max
+                top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
+                top_i = tl.where(kcols[None, :] == k, pick[:, None], top_i)
+                work = tl.where(cols[None, :] == pick[:, None], -2.0, work)
         if NORM:
             top_w = top_w / tl.sum(top_w, axis=1)[:, None]
         km = rmask[:, None] & (kcols[None, :] < K)
@@ -97,6 +104,15 @@ def _kernels():
             tl.store(psum_ptr + pid * E + cols, tl.sum(p * mt[:, None], axis=0), mask=cmask)
             tl.store(cnt_ptr + pid * E + cols, tl.sum(chosen * mt[:, None], axis=0), mask=cmask)
             tl.store(zsq_ptr + pid, tl.sum(tl.where(rmask, lse * lse, 0.0), axis=0))
+        if MONITOR:  # sums over every token for analytics.online.RouterMonitor: entropy, top-1, margin, lse^2, probs
+            base = mon_ptr + pid * (4 + E)
+            entropy = tl.sum(tl.where(m2 & (p > 0), -p * tl.log(p), 0.0), axis=1)
+            margin = tl.where(E >= 2, top1 - top2, top1)
+            tl.store(base, tl.sum(tl.where(rmask, entropy, 0.0), axis=0))
+            tl.store(base + 1, tl.sum(tl.where(rmask, top1, 0.0), axis=0))
+            tl.store(base + 2, tl.sum(tl.where(rmask, margin, 0.0), axis=0))
+            tl.store(base + 3, tl.sum(tl.where(rmask, lse * lse, 0.0), axis=0))
+            tl.store(base + 4 + cols, tl.sum(tl.where(m2, p, 0.0), axis=0), mask=cmask)
 
     @triton.jit
     def bwd(logits_ptr, lse_ptr, mask_ptr, idx_ptr, gw_ptr, gpsum_ptr, gprobs_ptr, gz_ptr, gl_ptr, T, E, stride,
@@ -160,7 +176,7 @@ def _blocks(num_experts: int, top_k: int) -> tuple[int, int, int]:
 
 class _FusedTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, mask_T, top_k, norm, stats, out_dtype):
+    def forward(ctx, logits_TE, mask_T, top_k, norm, stats, out_dtype, monitor):
         triton, fwd, _ = _kernels()
         logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
         num_tokens, num_experts = logits_TE.shape
@@ -178,21 +194,23 @@ class _FusedTopKRoute(torch.autograd.Function):
         else:
             psum_GE = cnt_GE = zsq_G = lse_T  # unused pointers
         mask = mask_T if mask_T is not None else lse_T
-        fwd[(grid,)](logits_TE, mask, probs_TE, idx_TK, w_TK, lse_T, psum_GE, cnt_GE, zsq_G, num_tokens, num_experts,
-                     logits_TE.stride(0), K=top_k, NORM=norm, HAS_MASK=mask_T is not None, STATS=stats,
-                     BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k)
+        mon_G = torch.empty(grid, 4 + num_experts, device=dev, dtype=torch.float32) if monitor else lse_T
+        fwd[(grid,)](logits_TE, mask, probs_TE, idx_TK, w_TK, lse_T, psum_GE, cnt_GE, zsq_G, mon_G, num_tokens, num_experts,
+                     logits_TE.stride(0), K=top_k, NORM=norm, HAS_MASK=mask_T is not None, STATS=stats, MONITOR=monitor,
+                     KSEL=max(top_k, 2) if monitor else top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k)
+        monitor_sums = mon_G.sum(0) if monitor else None
         if stats:
             psum_E, counts_E, zsq = psum_GE.sum(0), cnt_GE.sum(0), zsq_G.sum()
         else:
             psum_E = counts_E = zsq = None
         ctx.save_for_backward(logits_TE, lse_T, idx_TK, mask_T)
         ctx.top_k, ctx.norm = top_k, norm
-        ctx.mark_non_differentiable(idx_TK, *(() if counts_E is None else (counts_E,)))
+        ctx.mark_non_differentiable(idx_TK, *(t for t in (counts_E, monitor_sums) if t is not None))
         ctx.set_materialize_grads(False)
-        return probs_TE, idx_TK, w_TK, psum_E, counts_E, zsq
+        return probs_TE, idx_TK, w_TK, psum_E, counts_E, zsq, monitor_sums
 
     @staticmethod
-    def backward(ctx, g_probs, _g_idx, g_w, g_psum, _g_counts, g_zsq):
+    def backward(ctx, g_probs, _g_idx, g_w, g_psum, _g_counts, g_zsq, _g_monitor):
         triton, _, bwd = _kernels()
         logits_TE, lse_T, idx_TK, mask_T = ctx.saved_tensors
         num_tokens, num_experts = logits_TE.shape
@@ -207,11 +225,14 @@ class _FusedTopKRoute(torch.autograd.Function):
             HAS_MASK=mask_T is not None, HAS_GW=g_w is not None, HAS_GPSUM=g_psum is not None,
             HAS_GPROBS=g_probs is not None, HAS_GZ=g_zsq is not None, BLOCK_T=block_t, BLOCK_E=block_e,
         )
-        return grad_TE, None, None, None, None, None
+        return grad_TE, None, None, None, None, None, None
 
 
 def topk_route(logits_TE: torch.Tensor, mask_T: torch.Tensor | None, top_k: int, norm: bool, stats: bool,
-               out_dtype: torch.dtype):
-    """(probs_TE, topk_idx_TK, topk_w_TK, psum_E, counts_E, zsq); the last three are None without ``stats``."""
+               out_dtype: torch.dtype, monitor: bool = False):
+    """(probs_TE, topk_idx_TK, topk_w_TK, psum_E, counts_E, zsq, monitor_sums); psum, counts and zsq are None
+    without ``stats``; ``monitor_sums`` [4 + E] (sums over all tokens of the probabilities' entropy, the top-1
+    probability, its margin over the second, logsumexp^2, then the per-expert probability sums) None without
+    ``monitor``."""
     mask = mask_T.reshape(-1).to(device=logits_TE.device, dtype=torch.float32) if mask_T is not None else None
-    return _FusedTopKRoute.apply(logits_TE, mask, top_k, norm, stats, out_dtype)
+    return _FusedTopKRoute.apply(logits_TE, mask, top_k, norm, stats, out_dtype, monitor)

@@ -34,6 +34,9 @@ class Routing:
     token_idx_A: torch.Tensor | None = None  # None: token-major layout, token = a // K
     may_drop: bool = False  # True when a capacity limit may have dropped assignments
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already scaled by coef
+    # [4 + E] from the fused router when hooks asked for it: sums over tokens of the probabilities' entropy,
+    # the top-1 probability, its margin, logsumexp(logits)^2, then each expert's probability (RouterMonitor)
+    monitor_sums: torch.Tensor | None = None
 
     def detached(self) -> "Routing":
         """The same record without autograd history (kept between steps without holding graphs)."""
@@ -47,6 +50,7 @@ class Routing:
             self.token_idx_A,
             self.may_drop,
             {k: v.detach() for k, v in self.aux_losses.items()},
+            self.monitor_sums,
         )
 
     @property
