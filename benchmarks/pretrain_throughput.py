@@ -185,6 +185,9 @@ def merge(files: list[str], out: str, note: str) -> int:
                     min(r["step_time_s"] for r in rs) / max(d["step_time_s"] for d in dense),
                     max(r["step_time_s"] for r in rs) / min(d["step_time_s"] for d in dense),
                 ]
+            plain = by.get((source, preset, mb, "moe", 1))
+            if plain and run != "moe":  # an option's effect on the MoE itself, measured in the same call
+                entry["tokens_per_s_vs_moe_default"] = median(rs, "tokens_per_s") / median(plain, "tokens_per_s")
             summary[name] = entry
         elif run.startswith("moe") and world > 1:
             base_opts = ":".join(o for o in _options(run).split(":") if o and not o.startswith("ep"))
