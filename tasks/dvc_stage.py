@@ -77,14 +77,14 @@ def _logger():
 
 
 def _declared(root: Path, stage: str) -> tuple[list[str], list[str]]:
-    """(outs, metrics files) of the stage as dvc.yaml declares them."""
+    """(outs, metrics files) of the stage as dvc.yaml declares them (outs include its plot data)."""
     import yaml
 
     spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage)
     if spec is None:
         raise StageFailed(f"dvc.yaml in {root} has no stage {stage!r}")
     names = lambda items: [i if isinstance(i, str) else next(iter(i)) for i in items or []]  # noqa: E731
-    return names(spec.get("outs")) + names(spec.get("metrics")), names(spec.get("metrics"))
+    return names(spec.get("outs")) + names(spec.get("plots")) + names(spec.get("metrics")), names(spec.get("metrics"))
 
 
 def reproduce(root: Path, stage: str, env: dict[str, str] | None = None) -> tuple[bool, list[str], list[str]]:

@@ -207,13 +207,14 @@ def test_override_runs_are_isolated_concurrent_and_get_no_false_verdict(workspac
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     first = index(runs[0])
     isolated = index(next(r for r in runs[1:] if r.data.params.get("evaluate.max_sequences") == "16"))
-    # data is restored from the run cache and points at the run that made it; pretrain re-runs in the
-    # workspace (DVC does not restore it from the run cache there; cause not found yet), deterministically,
-    # to the same model (checked above)
-    assert isolated["evaluate"][1] == "ran" and isolated["data"][1] == "reused" and isolated["gate"][1] == "ran"
-    assert isolated["data"][0] == first["data"][0]
+    # every stage the override does not touch is restored from DVC's run cache (plot data and metrics are
+    # the only uncached outputs, which keeps stages in the run cache) and points at the run that made it
     analyzed_run = index(next(r for r in runs[1:] if r.data.params.get("analyze.max_tokens") == "128"))
-    assert analyzed_run["analyze"][1] == "ran" and analyzed_run["data"][1] == "reused" and "gate" not in analyzed_run
+    assert "gate" not in analyzed_run
+    for record, changed in ((isolated, {"evaluate", "gate"}), (analyzed_run, {"analyze"})):
+        assert {s for s, (_, status) in record.items() if status == "ran"} == changed
+        assert all(status == "reused" for s, (_, status) in record.items() if s not in changed)
+        assert record["data"][0] == first["data"][0] and record["pretrain"][0] == first["pretrain"][0]
 
 
 def test_gate_deployment_promotes_then_refuses_a_regression(workspace):
