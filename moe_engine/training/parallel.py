@@ -33,6 +33,15 @@ def prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def _skip_cpu_inference_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce C++ op when it starts (about a
+    minute on a fresh 2-core machine) that only DeepSpeed inference calls; training never uses it, so
+    it is marked unavailable and torch.distributed's own all-reduce serves every reduction."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the mapping is built on first access
+
+
 def _launched() -> bool:
     """True under torchrun / the deepspeed launcher / MPI (they set the rank variables)."""
     return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
@@ -47,6 +56,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        _skip_cpu_inference_op()
     if not dist.is_initialized():
         if _launched():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

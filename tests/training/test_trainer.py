@@ -236,3 +236,12 @@ def test_bf16_at_zero_stage_0_keeps_float32_master_weights_and_resumes_bitwise(d
     assert resumed.losses == straight.losses[3:]  # bitwise
     with pytest.raises(ValueError, match="ep_size 1 only"):
         Trainer(out_dir=tmp_path / "ep", **{**kw, "ep_size": 2}).fit()
+
+
+def test_cpu_training_does_not_build_deepspeeds_inference_op(demo_data, tmp_path):
+    """The shared-memory all-reduce op that DeepSpeed JIT-compiles on CPU (a minute on a fresh machine)
+    serves only DeepSpeed inference: the trainer's CPU runs leave it unbuilt."""
+    import deepspeed.comm.comm as ds_comm
+
+    Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=1, save_every=0, **FAST).fit()
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
