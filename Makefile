@@ -34,7 +34,7 @@ setup: $(STAMP)  ## create .venv and install the project with every extra
 # server): every DVC stage of dvc.yaml that is not up to date (all of them on a fresh clone), one MLflow
 # run per stage under a pipeline run in mlflow/mlflow.db, the models registered as @candidate, the gate,
 # and @champion when it passes. `dvc repro` runs the same stages without Prefect and the registry.
-demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow over the DVC stages), CPU, about 6 min on 2 cores
+demo: setup  ## run the whole pipeline on the embedded demo corpus (Prefect flow over the DVC stages), CPU, 6-12 min on 2 cores (host-dependent)
 	mkdir -p mlflow/store/prefect  # Prefect creates its home's last folder only (a fresh clone has no mlflow/store)
 	PATH="$(abspath $(BIN)):$$PATH" PREFECT_HOME="$(abspath mlflow/store/prefect)" \
 		MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow)/mlflow.db}" $(BIN)/python flows/pipeline.py
