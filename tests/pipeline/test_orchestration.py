@@ -33,10 +33,11 @@ STAGES = [s.name for s in PIPELINE]
 def deployment_run(ws: dict, name: str, *params: str, check: bool = True, watch: bool = True):
     cmd = [str(BIN / "prefect"), "deployment", "run", name]
     if watch:
-        cmd += ["--watch", "--watch-interval", "2", "--watch-timeout", "540"]
+        # the whole debug pipeline took 9+ minutes on a loaded 2-core host (540 s timed out there once)
+        cmd += ["--watch", "--watch-interval", "2", "--watch-timeout", "900"]
     for p in params:
         cmd += ["-p", p]
-    return run(cmd, ws["repo"], ws["env"], timeout=600, check=check)
+    return run(cmd, ws["repo"], ws["env"], timeout=960, check=check)
 
 
 def client(ws):
