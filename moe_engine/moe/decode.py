@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from moe_engine.moe.dispatch_kernels import triton_importable
 from moe_engine.moe.experts import _ACTIVATIONS
 
 # The kernels read an expert's weights once per block of this many assignments.
@@ -162,15 +163,6 @@ def _kernels():
 
 
 @functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -224,7 +216,7 @@ def _use_kernels(x_TD: torch.Tensor, w_in_EHD: torch.Tensor) -> bool:
         x_TD.is_cuda
         and x_TD.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and w_in_EHD.dtype == x_TD.dtype
-        and _triton_importable()
+        and triton_importable()
     )
 
 

@@ -81,7 +81,8 @@ def _triton_kernels():
 
 
 @functools.cache
-def _triton_ok() -> bool:
+def triton_importable() -> bool:
+    """Whether Triton can be imported (checked once): the GPU kernels of the engine need it."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -90,7 +91,7 @@ def _triton_ok() -> bool:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_ok()
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_importable()
 
 
 def gather_sum(src_AD: torch.Tensor, idx_A: torch.Tensor, w_TK: torch.Tensor | None, top_k: int) -> torch.Tensor:

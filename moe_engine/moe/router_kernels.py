@@ -22,17 +22,10 @@ import functools
 
 import torch
 
+from moe_engine.moe.dispatch_kernels import triton_importable
+
 FUSED = {"enabled": True, "monitor": True}  # benchmarks flip these to measure the unfused versions side by side
 MAX_EXPERTS = 512
-
-
-@functools.cache
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def usable(logits_TE: torch.Tensor, top_k: int) -> bool:
@@ -44,7 +37,7 @@ def usable(logits_TE: torch.Tensor, top_k: int) -> bool:
         and top_k <= 32
         and logits_TE.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and not torch.compiler.is_compiling()  # under compile Inductor fuses the PyTorch router itself
-        and _triton_ok()
+        and triton_importable()
     )
 
 

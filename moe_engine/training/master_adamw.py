@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from moe_engine.moe.dispatch_kernels import triton_importable
+
 
 @functools.cache
 def _kernel():
@@ -49,15 +51,6 @@ def _kernel():
         tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 
     return triton, adamw
-
-
-@functools.cache
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _BLOCK = 2048
@@ -144,7 +137,7 @@ class MasterAdamW(torch.optim.Optimizer):
         return loss
 
     def _use_kernel(self, p: torch.Tensor) -> bool:
-        return self.fused and p.is_cuda and p.is_contiguous() and p.grad.is_contiguous() and _triton_ok()
+        return self.fused and p.is_cuda and p.is_contiguous() and p.grad.is_contiguous() and triton_importable()
 
     @staticmethod
     def _reference_update(p, state, scale, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt):
