@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_engine.moe import dispatch  # noqa: E402
 from moe_engine.moe import router_kernels  # noqa: E402
 from moe_engine.moe import swiglu as swiglu_mod  # noqa: E402
 from moe_engine.moe.layer import MoEConfig  # noqa: E402
@@ -163,7 +164,7 @@ def bench(fn, device, reps):
     return statistics.median(times)
 
 
-def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
+def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=None):
     D, F_, E, K, norm = dims
     torch.manual_seed(0)
     engine = engine_layer(D, F_, E, K, norm).to(device, dtype)
@@ -184,6 +185,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
     variants = {"engine": lambda: engine}
     variants["engine (eager SwiGLU)"] = lambda: engine
     variants["engine (PyTorch router)"] = lambda: engine  # the router before its fused kernel
+    variants["engine (int64 sort keys)"] = lambda: engine  # the dispatch sort before its narrow keys
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
     for impl in ("eager", "grouped_mm", "batched_mm", "sonicmoe", "deepgemm"):
@@ -191,14 +193,19 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
     if include_ds:
         variants["deepspeed-moe (dropless)"] = lambda: DeepSpeedMoE(D, F_, E, K, weights, False).to(device, dtype)
 
+    if only:  # --variants: these names only (the dense baselines always run)
+        variants = {k: v for k, v in variants.items() if k.startswith("dense") or k in only}
     x_TD = torch.randn(tokens, D, device=device, dtype=dtype)
     refs = {}
+    narrow_keys = dispatch.sort_key_dtype
     grad_out = torch.randn(1, tokens, D, device=device, dtype=dtype)
     results = {}
     for vname, make in variants.items():
         row = {}
         swiglu_mod.FUSED["enabled"] = "eager SwiGLU" not in vname
         router_kernels.FUSED["enabled"] = "PyTorch router" not in vname
+        if "int64 sort keys" in vname:
+            dispatch.sort_key_dtype = lambda num_ids: torch.int64
         try:
             if vname.startswith("transformers batched_mm") and tokens * K * 3 * F_ * D * 2 > 20e9:
                 raise MemoryError(f"batched_mm gathers a weight copy per token: {tokens * K * 3 * F_ * D * 2 / 1e9:.0f} GB")
@@ -236,6 +243,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log):
         finally:
             swiglu_mod.FUSED["enabled"] = True
             router_kernels.FUSED["enabled"] = True
+            dispatch.sort_key_dtype = narrow_keys
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results[vname] = row
@@ -274,6 +282,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200, help="ms of timed repetitions per variant (GPU)")
     ap.add_argument("--shapes", nargs="*", help="subset of shape names")
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--variants", nargs="*", help="only these variants, by name (the dense ones always run)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -295,8 +304,8 @@ def main(argv=None):
         D, F_, E, K, norm = dims
         report["shapes"][name] = {
             "dims": dict(D=D, F=F_, E=E, K=K, norm_topk_prob=norm),
-            "train": run_shape(name, dims, tokens, device, dtype, args.reps, include_ds, print),
-            "decode": run_shape(name, dims, args.decode_tokens, device, dtype, args.reps, include_ds, print),
+            "train": run_shape(name, dims, tokens, device, dtype, args.reps, include_ds, print, args.variants),
+            "decode": run_shape(name, dims, args.decode_tokens, device, dtype, args.reps, include_ds, print, args.variants),
         }
     print("\nshape           variant                        fwd+bwd ms  x dense   fwd ms   x dense   decode fwd ms")
     for name, r in report["shapes"].items():

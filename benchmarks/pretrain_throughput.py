@@ -2,7 +2,8 @@
 
 Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s taken over the last
 ``--measure`` (the first half warms up: allocator, autotuning, Triton compilation). A run is named
-``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; options are ``gaN``
+``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; ``dense-sameattn`` is the MoE model with a dense MLP in
+each MoE block (``same_attention_dense``), ``dense-active`` a Llama model; options are ``gaN``
 (micro-batches per optimizer step, default 1), ``epN`` (expert-parallel ranks), ``z2`` (ZeRO-2
 instead of ZeRO-1), ``z0`` (no ZeRO: the engine's fused master-weight AdamW, ``training/master_adamw.py``), ``foreach`` (torch's multi-tensor AdamW instead of the
 fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
@@ -10,7 +11,10 @@ profiled runs are left out of the merged timings: launches stay slower after the
 ``torchrouter`` (the PyTorch router instead of its fused kernel: the before of that change),
 ``unfusedmonitor`` (the router monitor's own PyTorch statistics instead of the sums from the fused router), and
 ``f32acc`` (a probe: DeepSpeed's BF16_Optimizer with fp32 gradient accumulation instead of ZeRO's
-bf16 gradients; the trainer does not offer it).
+bf16 gradients; the trainer does not offer it), ``dssync`` (DeepSpeed's throughput timer left on: two
+device syncs per micro-batch, the trainer's default before 2026-12-02) and ``selfreduce`` (at ZeRO-0 on one
+GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change) and
+``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -36,7 +40,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODELS = {"moe": "", "dense-active": "active", "dense-total": "total"}
+MODELS = {"moe": "", "dense-active": "active", "dense-total": "total", "dense-sameattn": "sameattn"}
+
+
+def same_attention_dense(arch: str, preset: str, data: str, seed: int = 0):
+    """The MoE model itself with every MoE block replaced by a SwiGLU MLP of the active width
+    (K * F_expert + shared): the same attention (OLMoE's q/k norms included), norms and embeddings,
+    so the step ratio against it is the MoE blocks' own cost. ``dense-active`` is a Llama model."""
+    import torch
+
+    from moe_engine.models.adapters import moe_layers
+    from moe_engine.models.build import build_model
+    from moe_engine.moe.layer import SharedExpert
+
+    vocab = json.loads((Path(data) / "manifest.json").read_text())["vocab_size"]
+    model = build_model(arch, preset, seed=seed, vocab_size=vocab)
+    targets = set(moe_layers(model))
+    torch.manual_seed(seed)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in targets:
+                per_expert = child.experts.down_proj.shape[-1]
+                shared = child.shared.down_proj.in_features if child.shared is not None else 0
+                setattr(parent, name, SharedExpert(model.config.hidden_size, child.top_k * per_expert + shared))
+    assert not moe_layers(model)
+    return model
 
 
 def parse_run(name: str) -> dict:
@@ -44,7 +72,8 @@ def parse_run(name: str) -> dict:
     if model not in MODELS:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
-            "fused_router": True, "fused_monitor": True, "f32acc": False}
+            "fused_router": True, "fused_monitor": True, "f32acc": False,
+            "dssync": False, "selfreduce": False, "int64sort": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -58,12 +87,12 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt == "f32acc":
-            spec["f32acc"] = True
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort"):
+            spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort)")
     return spec
 
 
@@ -72,19 +101,30 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     import torch.distributed as dist
 
     from benchmarks.moe_layer import environment
-    from moe_engine.moe import router_kernels
+    from moe_engine.moe import dispatch, router_kernels
     from moe_engine.training import loop as loop_mod
     from moe_engine.training.trainer import Trainer
 
-    ds_config = loop_mod.TrainLoop._ds_config
+    ds_config, reduces = loop_mod.TrainLoop._ds_config, loop_mod.TrainLoop._reduces_gradients
     router_kernels.FUSED.update(enabled=spec["fused_router"], monitor=spec["fused_monitor"])
+    extra = {}
     if spec["f32acc"]:
-        loop_mod.TrainLoop._ds_config = lambda self: {**ds_config(self), "data_types": {"grad_accum_dtype": "fp32"}}
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}
+    if spec["dssync"]:
+        extra["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+    if extra:
+        loop_mod.TrainLoop._ds_config = lambda self: {**ds_config(self), **extra}
+    if spec["selfreduce"]:
+        loop_mod.TrainLoop._reduces_gradients = lambda self, cfg: True
+    narrow_keys = dispatch.sort_key_dtype
+    if spec["int64sort"]:
+        dispatch.sort_key_dtype = lambda num_ids: torch.int64
     try:
         _run_one(args, spec, out_dir, index, Trainer, environment)
     finally:
         router_kernels.FUSED.update(enabled=True, monitor=True)
-        loop_mod.TrainLoop._ds_config = ds_config
+        loop_mod.TrainLoop._ds_config, loop_mod.TrainLoop._reduces_gradients = ds_config, reduces
+        dispatch.sort_key_dtype = narrow_keys
 
 
 def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
@@ -94,11 +134,12 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
     steps = 2 * args.measure
     held_before = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None  # leak check across runs
     with tempfile.TemporaryDirectory() as tmp:
+        model = same_attention_dense(args.arch, args.preset, args.data) if spec["dense"] == "sameattn" else None
         trainer = Trainer(
-            data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=steps,
+            model, data=args.data, out_dir=tmp, arch=args.arch, preset=args.preset, steps=steps,
             micro_batch_size=args.micro_batch_size, grad_accum=spec["grad_accum"], ep_size=spec["ep_size"], zero_stage=spec["zero"],
             precision="auto", fused_adamw=spec["fused"], log_every=args.measure, save_every=0, eval_batches=0,
-            warmup_steps=5, lr=3e-4, dense_baseline=spec["dense"], router={"aux_loss_coef": 0.01},
+            warmup_steps=5, lr=3e-4, dense_baseline="" if spec["dense"] == "sameattn" else spec["dense"], router={"aux_loss_coef": 0.01},
             profile_steps=[args.measure // 2, args.measure // 2 + 2] if spec["profile"] else [],
         )
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -113,6 +154,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
         row = {
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
             "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fused_monitor": spec["fused_monitor"], "fp32_grad_accum": spec["f32acc"],
+            "deepspeed_timer_syncs": spec["dssync"], "self_all_reduce": spec["selfreduce"], "int64_sort_keys": spec["int64sort"],
             "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
@@ -142,18 +184,19 @@ def run(args) -> int:
     return 0
 
 
-MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor"}  # dense models have no router: their pair is the run without it
+BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort"}  # code as it was before a change
+MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort"}  # dense models have no router: their pair is the run without it
 
 
 def _options(run: str) -> str:
     return ":".join(o for o in run.split(":")[1:] if o not in MOE_ONLY_OPTIONS)
 
 
-
-
 def merge(files: list[str], out: str, note: str) -> int:
-    """Every MoE run against the dense-active runs with the same options and micro-batch (median over
-    repeats), and each multi-GPU MoE run against the one-GPU MoE run with its other options equal.
+    """Every MoE run against the dense-active (and dense-sameattn) runs with the same options and micro-batch
+    (median over repeats); a run with a before-option (``BEFORE_OPTIONS``) against the same run without it
+    (``change_speedup``, tokens/s after / before), and each multi-GPU MoE run against the one-GPU MoE run
+    with its other options equal.
     Rows are only compared within one folder: put each device call's rows in its own folder."""
     rows = []
     for f in sorted(files):
@@ -185,6 +228,14 @@ def merge(files: list[str], out: str, note: str) -> int:
                     min(r["step_time_s"] for r in rs) / max(d["step_time_s"] for d in dense),
                     max(r["step_time_s"] for r in rs) / min(d["step_time_s"] for d in dense),
                 ]
+            same = by.get((source, preset, mb, "dense-sameattn" + (":" + opts if opts else ""), 1))
+            if same:
+                entry["dense_sameattn_tokens_per_s"] = [r["tokens_per_s"] for r in same]
+                entry["step_time_vs_dense_sameattn"] = median(rs, "step_time_s") / median(same, "step_time_s")
+            model, *run_opts = run.split(":")
+            after = ":".join([model] + [o for o in run_opts if o not in BEFORE_OPTIONS])
+            if after != run and (after_rs := by.get((source, preset, mb, after, 1))):  # a change's before and after
+                entry["change_speedup"] = median(after_rs, "tokens_per_s") / median(rs, "tokens_per_s")
             plain = by.get((source, preset, mb, "moe", 1))
             if plain and run != "moe":  # an option's effect on the MoE itself, measured in the same call
                 entry["tokens_per_s_vs_moe_default"] = median(rs, "tokens_per_s") / median(plain, "tokens_per_s")

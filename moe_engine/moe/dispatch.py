@@ -32,9 +32,16 @@ class DispatchPlan:
         return torch.diff(self.offsets_E, prepend=self.offsets_E.new_zeros(1))
 
 
+def sort_key_dtype(num_ids: int) -> torch.dtype:
+    """The narrowest integer type holding ids 0..num_ids-1: the GPU's radix sort makes one pass per key
+    byte, so uint8 ids take one pass where int64 ids take eight (22 kernels per sort down to a handful),
+    and a stable sort gives the same order whatever the key type."""
+    return torch.uint8 if num_ids <= 256 else torch.int16 if num_ids <= 2**15 else torch.int64
+
+
 def plan(expert_idx_A: torch.Tensor, num_experts: int, may_drop: bool) -> DispatchPlan:
     # A stable sort keeps token order inside each expert, so results do not depend on the sort.
-    sorted_expert_A, order_A = torch.sort(expert_idx_A, stable=True)
+    sorted_expert_A, order_A = torch.sort(expert_idx_A.to(sort_key_dtype(num_experts + 1)), stable=True)
     positions_A = torch.arange(order_A.numel(), device=order_A.device)
     inverse_A = torch.empty_like(order_A).scatter_(0, order_A, positions_A)
     # Group ends straight from the sorted ids: no bincount, whose output size forces a GPU->host sync.

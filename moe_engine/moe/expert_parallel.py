@@ -78,7 +78,8 @@ def ep_routed_experts(ep: ExpertParallel, x_TD, routing, w_in_local, w_out_local
 
     # regroup received rows (source-major) by local expert, stable within each expert
     local_expert_R = torch.repeat_interleave(
-        torch.arange(El, device=x_TD.device).repeat(P), recv_counts_PE.reshape(-1), output_size=x_recv.shape[0]
+        torch.arange(El, device=x_TD.device, dtype=dispatch.sort_key_dtype(El)).repeat(P), recv_counts_PE.reshape(-1),
+        output_size=x_recv.shape[0],
     )
     order_R = torch.sort(local_expert_R, stable=True).indices
     x_local, inverse_R = _permute(x_recv, order_R)

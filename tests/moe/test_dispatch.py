@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moe_engine.moe import dispatch
@@ -40,3 +41,16 @@ def test_dropped_rows_are_zeroed_even_if_they_hold_nan():
     weight_A = torch.where(expert_idx_A == 3, 0.0, 1.0)
     out = dispatch.unpermute(y_AD, weight_A, p, 2)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("num_experts", [8, 255, 256, 300])
+def test_plan_on_narrow_sort_keys_equals_the_int64_stable_sort(num_experts):
+    """The plan sorts ids as uint8/int16 (fewer radix passes on the GPU): same order, groups and drop mask
+    as a stable int64 sort, at the type boundaries too (id ``num_experts`` marks a dropped assignment)."""
+    idx_A = torch.randint(0, num_experts + 1, (4000,), generator=torch.Generator().manual_seed(num_experts))
+    p = dispatch.plan(idx_A, num_experts, may_drop=True)
+    sorted_A, order_A = torch.sort(idx_A, stable=True)
+    assert torch.equal(p.order_A, order_A)
+    assert torch.equal(p.inverse_A[order_A], torch.arange(idx_A.numel()))
+    assert torch.equal(p.counts_E, torch.bincount(idx_A, minlength=num_experts + 1)[:num_experts].int())
+    assert torch.equal(p.valid_A, sorted_A < num_experts)

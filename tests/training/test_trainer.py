@@ -245,3 +245,29 @@ def test_cpu_training_does_not_build_deepspeeds_inference_op(demo_data, tmp_path
 
     Trainer(arch="mixtral", data=demo_data, out_dir=tmp_path, steps=1, save_every=0, **FAST).fit()
     assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+
+
+def test_one_rank_without_zero_skips_deepspeeds_self_all_reduce_and_timer_syncs(monkeypatch, demo_data, tmp_path):
+    """At zero_stage 0 on one rank DeepSpeed's backward all-reduce only casts, copies and reduces every
+    gradient with itself: the loop turns it off, and the run gives the same bits as one that keeps it.
+    DeepSpeed's throughput timer (a device sync at every forward and step) is off too."""
+    from moe_engine.training import loop as loop_mod
+
+    kw = dict(arch="olmoe", data=demo_data, zero_stage=0, steps=3, save_every=0, grad_accum=2, **FAST)
+    seen = []
+    real_setup = loop_mod.TrainLoop.setup
+
+    def setup(self):
+        out = real_setup(self)
+        seen.append((self.engine.enable_backward_allreduce, self.engine.tput_timer.config.enabled))
+        return out
+
+    monkeypatch.setattr(loop_mod.TrainLoop, "setup", setup)
+    skipped = Trainer(out_dir=tmp_path / "skipped", **kw).fit()
+    monkeypatch.setattr(loop_mod.TrainLoop, "_reduces_gradients", lambda self, cfg: True)
+    reduced = Trainer(out_dir=tmp_path / "reduced", **kw).fit()
+    assert seen == [(False, False), (True, False)]
+    assert skipped.losses == reduced.losses  # bitwise
+    a = AutoModelForCausalLM.from_pretrained(skipped.model_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(reduced.model_dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
