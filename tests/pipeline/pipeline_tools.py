@@ -39,6 +39,12 @@ def merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def untraced(env: dict) -> dict:
+    """``env`` for a command that runs no project code (Prefect's CLI polling its server): without `make
+    test`'s coverage hook, which would trace all of its Python for nothing."""
+    return {k: v for k, v in env.items() if k not in ("COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
