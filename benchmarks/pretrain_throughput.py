@@ -2,8 +2,9 @@
 
 Each run is one ``Trainer.fit``: ``2 * --measure`` optimizer steps, tokens/s taken over the last
 ``--measure`` (the first half warms up: allocator, autotuning, Triton compilation). A run is named
-``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total``; ``dense-sameattn`` is the MoE model with a dense MLP in
-each MoE block (``same_attention_dense``), ``dense-active`` a Llama model; options are ``gaN``
+``MODEL[:OPTION...]``: MODEL is ``moe``, ``dense-active`` or ``dense-total`` (Llama models matched on
+active or total parameters) or ``dense-sameattn`` (the MoE model with a dense MLP in each MoE block,
+``same_attention_dense``); options are ``gaN``
 (micro-batches per optimizer step, default 1), ``epN`` (expert-parallel ranks), ``z2`` (ZeRO-2
 instead of ZeRO-1), ``z0`` (no ZeRO: the engine's fused master-weight AdamW, ``training/master_adamw.py``), ``foreach`` (torch's multi-tensor AdamW instead of the
 fused kernel), ``profile`` (torch.profiler over three warm-up steps; the tables and trace are kept;
@@ -12,7 +13,7 @@ profiled runs are left out of the merged timings: launches stay slower after the
 ``unfusedmonitor`` (the router monitor's own PyTorch statistics instead of the sums from the fused router), and
 ``f32acc`` (a probe: DeepSpeed's BF16_Optimizer with fp32 gradient accumulation instead of ZeRO's
 bf16 gradients; the trainer does not offer it), ``dssync`` (DeepSpeed's throughput timer left on: two
-device syncs per micro-batch, the trainer's default before 2026-12-02) and ``selfreduce`` (at ZeRO-0 on one
+device syncs per micro-batch, the trainer's default before 2026-12-02), ``selfreduce`` (at ZeRO-0 on one
 GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change) and
 ``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that).
 
@@ -52,6 +53,7 @@ def same_attention_dense(arch: str, preset: str, data: str, seed: int = 0):
     from moe_engine.models.adapters import moe_layers
     from moe_engine.models.build import build_model
     from moe_engine.moe.layer import SharedExpert
+    from moe_engine.training.trainer import dense_width
 
     vocab = json.loads((Path(data) / "manifest.json").read_text())["vocab_size"]
     model = build_model(arch, preset, seed=seed, vocab_size=vocab)
@@ -60,9 +62,7 @@ def same_attention_dense(arch: str, preset: str, data: str, seed: int = 0):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child in targets:
-                per_expert = child.experts.down_proj.shape[-1]
-                shared = child.shared.down_proj.in_features if child.shared is not None else 0
-                setattr(parent, name, SharedExpert(model.config.hidden_size, child.top_k * per_expert + shared))
+                setattr(parent, name, SharedExpert(model.config.hidden_size, dense_width(child, "active", model.config)))
     assert not moe_layers(model)
     return model
 

@@ -50,6 +50,14 @@ class TrainResult:
     mlflow_run_id: str | None = None
 
 
+def dense_width(layer, match: str, config) -> int:
+    """The MLP width of a dense layer matched to MoE ``layer`` on active (K * F_expert [+ shared]) or total
+    (E * F_expert [+ shared]) parameters."""
+    per_expert = layer.experts.down_proj.shape[-1] if hasattr(layer.experts, "down_proj") else config.d_ff
+    shared = layer.shared.down_proj.in_features if layer.shared is not None else 0
+    return (layer.top_k if match == "active" else layer.num_experts) * per_expert + shared
+
+
 def dense_baseline(moe_model: torch.nn.Module, match: str) -> torch.nn.Module:
     """A dense Llama-style model with the MoE model's attention shape and an MLP width matched on
     active parameters (F = K * F_expert [+ shared]) or total parameters (F = E * F_expert [+ shared])."""
@@ -58,10 +66,7 @@ def dense_baseline(moe_model: torch.nn.Module, match: str) -> torch.nn.Module:
     cfg = moe_model.config
     if cfg.is_encoder_decoder:
         raise ConfigError("dense_baseline: no dense baseline for encoder-decoder models (switch); train it as an MoE")
-    layer = moe_layers(moe_model)[0]
-    per_expert = layer.experts.down_proj.shape[-1] if hasattr(layer.experts, "down_proj") else cfg.d_ff
-    shared = layer.shared.down_proj.in_features if layer.shared is not None else 0
-    width = (layer.top_k if match == "active" else layer.num_experts) * per_expert + shared
+    width = dense_width(moe_layers(moe_model)[0], match, cfg)
     dense_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=width,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -316,4 +321,4 @@ class Trainer:
                            skipped=True)
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "dense_baseline", "warmup_cosine"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "dense_baseline", "dense_width", "warmup_cosine"]
