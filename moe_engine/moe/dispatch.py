@@ -52,18 +52,22 @@ def plan(expert_idx_A: torch.Tensor, num_experts: int, may_drop: bool) -> Dispat
 
 
 class _PermuteTokens(torch.autograd.Function):
-    """x_AD = x_TD[order_A // K]; backward sums each token's K gradient rows (one fused gather-sum)."""
+    """x_AD = x_TD[order_A // K]; backward sums each token's K gradient rows (one fused gather-sum).
+    Rows of dropped assignments (``valid_A`` False) get no gradient: past the last expert group the
+    grouped GEMM's backward leaves them unwritten, so they are zeroed before the sum."""
 
     @staticmethod
-    def forward(ctx, x_TD, order_A, inverse_A, top_k):
-        ctx.save_for_backward(inverse_A)
+    def forward(ctx, x_TD, order_A, inverse_A, top_k, valid_A=None):
+        ctx.save_for_backward(inverse_A, valid_A)
         ctx.top_k = top_k
         return x_TD.index_select(0, order_A // top_k)
 
     @staticmethod
     def backward(ctx, grad_AD):
-        (inverse_A,) = ctx.saved_tensors
-        return kernels.gather_sum(grad_AD, inverse_A, None, ctx.top_k), None, None, None
+        inverse_A, valid_A = ctx.saved_tensors
+        if valid_A is not None:
+            grad_AD = grad_AD.masked_fill(~valid_A[:, None], 0.0)
+        return kernels.gather_sum(grad_AD, inverse_A, None, ctx.top_k), None, None, None, None
 
 
 class _UnpermuteCombine(torch.autograd.Function):
@@ -82,7 +86,7 @@ class _UnpermuteCombine(torch.autograd.Function):
 
 
 def permute(x_TD: torch.Tensor, p: DispatchPlan, top_k: int) -> torch.Tensor:
-    return _PermuteTokens.apply(x_TD, p.order_A, p.inverse_A, top_k)
+    return _PermuteTokens.apply(x_TD, p.order_A, p.inverse_A, top_k, p.valid_A)
 
 
 def unpermute(y_AD: torch.Tensor, weight_A: torch.Tensor, p: DispatchPlan, top_k: int) -> torch.Tensor:

@@ -54,3 +54,18 @@ def test_plan_on_narrow_sort_keys_equals_the_int64_stable_sort(num_experts):
     assert torch.equal(p.inverse_A[order_A], torch.arange(idx_A.numel()))
     assert torch.equal(p.counts_E, torch.bincount(idx_A, minlength=num_experts + 1)[:num_experts].int())
     assert torch.equal(p.valid_A, sorted_A < num_experts)
+
+
+def test_dropped_rows_get_no_input_gradient_even_if_their_gradient_rows_are_garbage():
+    """Past the last expert group the GPU grouped GEMM's backward leaves rows unwritten: whatever they
+    hold (NaN here), the tokens' gradients are the sums of their kept rows only."""
+    expert_idx_A = torch.tensor([0, 2, 1, 2, 2, 0])  # E = 2: assignments 1, 3 and 4 were dropped
+    p = dispatch.plan(expert_idx_A, 2, may_drop=True)
+    x_TD = torch.randn(3, 4, requires_grad=True)
+    x_AD = dispatch.permute(x_TD, p, top_k=2)
+    grad_AD = torch.randn(6, 4)
+    grad_AD[~p.valid_A] = float("nan")
+    x_AD.backward(grad_AD)
+    kept_A = expert_idx_A < 2
+    expected_TD = torch.zeros(3, 4).index_add_(0, torch.arange(6)[kept_A] // 2, grad_AD[p.inverse_A][kept_A])
+    torch.testing.assert_close(x_TD.grad, expected_TD)
