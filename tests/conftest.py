@@ -17,7 +17,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The longest test files, started first: `make test` runs the suite on two workers (pytest-xdist,
 # --dist loadfile: a file's tests stay in order on one worker), so the long orchestration file must not
-# be the last one handed out.
+# be the last one handed out. The Makefile passes --no-loadscope-reorder: xdist's default hands files out
+# by test count instead, which put the 6-test orchestration file (a third of the run) among the last.
 LONGEST_FIRST = ["pipeline/test_orchestration.py", "export/test_graphs.py", "export/test_fused.py",
                  "export/test_quantized.py", "training/test_distributed.py", "tracking/test_mlflow_run.py",
                  "benchmarks/test_expert_sweep.py", "test_readme.py"]
