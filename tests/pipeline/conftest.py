@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from pipeline_tools import BIN, PASSING_GATE, REPO, TINY, free_port, merge, run, untraced
+from pipeline_tools import BIN, COVERAGE_HOOK, PASSING_GATE, REPO, TINY, free_port, merge, run, untraced
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def workspace(tmp_path_factory) -> dict:
     params.write_text(yaml.safe_dump(merge(yaml.safe_load(params.read_text()), TINY), sort_keys=False))
     (repo / "benchmarks" / "gate_baseline.json").write_text(json.dumps(PASSING_GATE))
     (repo / "dvc.lock").unlink(missing_ok=True)  # a fresh clone of the debug config: nothing up to date
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo),
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": f"{repo}{os.pathsep}{COVERAGE_HOOK}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow' / 'mlflow.db'}", "PREFECT_HOME": str(base / "prefect"),
            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",

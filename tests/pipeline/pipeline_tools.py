@@ -11,6 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's moe-lab, dvc, prefect
+# On PYTHONPATH of the tools' processes: DVC's and Prefect's CLIs stop make test's tracer (they run no project
+# code); their children, the stage commands and flow runs, are still measured (tests/coverage_hook/sitecustomize.py)
+COVERAGE_HOOK = REPO / "tests" / "coverage_hook"
 
 # Debug sizes: the whole pipeline in ~1.5 min on 2 CPU cores.
 TINY = {

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from pipeline_tools import BIN, REPO, run
+from pipeline_tools import BIN, COVERAGE_HOOK, REPO, run
 from prefect.states import Failed
 
 from flows.pipeline import as_overrides
@@ -29,8 +29,9 @@ stages:
 
 
 @pytest.fixture
-def dvc_repo(tmp_path):
+def dvc_repo(tmp_path, monkeypatch):
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    monkeypatch.setenv("PYTHONPATH", str(COVERAGE_HOOK))  # reproduce()'s dvc: not traced (these stages are shell lines)
     (tmp_path / "dvc.yaml").write_text(DVC_YAML)
     (tmp_path / "params.yaml").write_text("# how many\nmake:\n  n: 1  # the answer\n")
     run(["git", "init", "-q"], tmp_path, env)
