@@ -140,6 +140,7 @@ def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quanti
             sess = session(graphs[0].path, config.providers)
             metrics["latency"] = {f"batch_{b}": onnx_vs_torch(stock, sess, b, config.latency.length, config.latency.repeats)
                                   for b in config.latency.batch_sizes}
+        fused: list[Graph] = []
         if config.fused_moe != "none":
             metrics["fused_moe"], fused = _fused_moe(stock, tmp / config.fused_moe, config)
             if config.fused_moe == "cpu":  # runs here: checked like the portable graphs
@@ -147,7 +148,8 @@ def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quanti
                 _check_parity(metrics["fused_moe"]["parity"], config.parity.tolerance, "the CPU-fused MoE")
         qgraphs, rows = [], []
         if quantized_dir is not None:
-            qmetrics, qgraphs, rows = _quantized(config, Path(quantized_dir), tmp / "quantized", stock, data_dir)
+            qmetrics, qgraphs, rows = _quantized(config, Path(quantized_dir), tmp / "quantized", stock, data_dir,
+                                                 graphs, fused)
             metrics["quantized"] = qmetrics
         _copy_model_files(model_dir, tmp)
         manifest = {"format": "moe_lab.onnx", "format_version": 1, "source_model": str(model_dir),
@@ -167,11 +169,15 @@ def run(config: ExportConfig, model_dir: str | Path, out_dir: str | Path, quanti
     return ExportResult(metrics, report, graphs)
 
 
-def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data_dir) -> tuple[dict, list[Graph], list]:
-    """The quantized checkpoint's graphs: float export of its dequantised weights, then the integers put back."""
+def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data_dir, float_graphs: list[Graph],
+               fused: list[Graph]) -> tuple[dict, list[Graph], list]:
+    """The quantized checkpoint's graphs: float graphs of its dequantised weights (``float_graphs``, exported from
+    ``stock``, with those weights swapped in: ``reweight.py``; exported afresh when that does not apply), then the
+    integers put back."""
     from moe_engine.export.graphs import export_graphs
     from moe_engine.export.parity import parity
     from moe_engine.export.quantized import quantize_graph, quantized_arrays
+    from moe_engine.export.reweight import reweighted
     from moe_engine.export.runtime import OrtLM
     from moe_engine.models.loading import load
     from moe_engine.quantize import gate as qgate
@@ -185,7 +191,7 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
     plain = stock_model(qmodel.config, dequantized_state_dict(qmodel))
     if not plain.config.is_encoder_decoder:
         plain.set_experts_implementation(config.experts_implementation)
-    graphs = export_graphs(plain, out, config)
+    graphs = reweighted(float_graphs, out, stock, plain) or export_graphs(plain, out, config)
     arrays = quantized_arrays(qmodel)
     replaced = {g.name: quantize_graph(g.path, arrays, require_all=g.name in ("model", "model_with_past")) for g in graphs}
     parts = [r.pop("names") for name, r in replaced.items() if name in ("encoder", "decoder")]
@@ -202,7 +208,7 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
               "parity_max": max(errors.values()), "bytes": sizes,
               "bytes_ratio": {k: sizes[k] / fp32[k] for k in sizes if fp32.get(k)}}
     if config.fused_moe == "cpu":
-        result["fused_moe"] = _quantized_fused_cpu(plain, qmodel, arrays, out / "cpu", config)
+        result["fused_moe"] = _quantized_fused_cpu(plain, qmodel, arrays, out / "cpu", config, stock, fused)
     g, rows = config.gate, []
     if g.enabled:
         splits = qgate.available_splits(Path(data_dir), g.splits)
@@ -214,17 +220,19 @@ def _quantized(config: ExportConfig, quantized_dir: Path, out: Path, stock, data
     return result, graphs, rows
 
 
-def _quantized_fused_cpu(plain, qmodel, arrays, out: Path, config: ExportConfig) -> dict:
-    """The quantized checkpoint with onnxruntime's ``QMoE`` on CPU: its fused float graphs, then each MoE node
+def _quantized_fused_cpu(plain, qmodel, arrays, out: Path, config: ExportConfig, stock, fused: list[Graph]) -> dict:
+    """The quantized checkpoint with onnxruntime's ``QMoE`` on CPU: its fused float graphs (``fused``, the float
+    model's, with the dequantised weights swapped in, as in :func:`_quantized`), then each MoE node
     given the checkpoint's integers (``fused.qmoe_graph``) and the other quantized weights behind
     DequantizeLinear; an unfused layer's experts (DeepSeek-V3) take the DequantizeLinear path too."""
     from moe_engine.export.fused import qmoe_graph
     from moe_engine.export.graphs import export_graphs
     from moe_engine.export.parity import parity
     from moe_engine.export.quantized import quantize_graph
+    from moe_engine.export.reweight import reweighted
     from moe_engine.quantize.modules import IncompleteQuantization
 
-    graphs = export_graphs(plain, out, config, ort_fusions="cpu_moe")
+    graphs = reweighted(fused, out, stock, plain) or export_graphs(plain, out, config, ort_fusions="cpu_moe")
     nodes = {}
     for g in graphs:
         in_qmoe = qmoe_graph(g.path, arrays)
