@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_engine.moe import dispatch  # noqa: E402
+from moe_engine.moe.graphs import MoEGraphs  # noqa: E402
 from moe_engine.moe import router_kernels  # noqa: E402
 from moe_engine.moe import swiglu as swiglu_mod  # noqa: E402
 from moe_engine.moe.layer import MoEConfig  # noqa: E402
@@ -124,6 +125,18 @@ def init_deepspeed_single_process():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def graphed_engine(engine, tokens, D, grad_out_like):
+    """The engine layer with its training forward and backward captured (``moe/graphs.py``): one
+    recorded eager step, then capture; the benchmark's fwd+bwd then replays both graphs."""
+    device, dtype = grad_out_like
+    graphs = MoEGraphs([engine]).record()
+    x_BSD = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
+    engine(x_BSD).backward(torch.randn_like(x_BSD))
+    engine.zero_grad(set_to_none=True)
+    graphs.capture()
+    return engine
+
+
 # ---------------------------------------------------------------- reference
 def reference_fp32(x_TD, weights, K, norm, router_fp32=False):
     """Float32 MoE from the definition, routing on logits of the variant's router precision
@@ -188,6 +201,11 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     variants["engine (int64 sort keys)"] = lambda: engine  # the dispatch sort before its narrow keys
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
+    if device.type == "cuda":  # the training step replayed from CUDA graphs, the dense baseline likewise
+        variants["engine (CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, grad_out_like=(device, dtype))
+        variants["dense (fused SwiGLU, CUDA graph)"] = lambda: torch.cuda.make_graphed_callables(
+            DenseSwiGLU(D, K * F_, fused=True).to(device, dtype),
+            (torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True),))
     for impl in ("eager", "grouped_mm", "batched_mm", "sonicmoe", "deepgemm"):
         variants[f"transformers {impl}"] = lambda impl=impl: hf_block(D, F_, E, K, norm, impl, weights).to(device, dtype)
     if include_ds:
@@ -241,6 +259,8 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
         except Exception as exc:  # record why a variant could not run, keep going
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         finally:
+            if engine.graphs is not None:
+                engine.graphs.release()
             swiglu_mod.FUSED["enabled"] = True
             router_kernels.FUSED["enabled"] = True
             dispatch.sort_key_dtype = narrow_keys

@@ -14,8 +14,9 @@ profiled runs are left out of the merged timings: launches stay slower after the
 ``f32acc`` (a probe: DeepSpeed's BF16_Optimizer with fp32 gradient accumulation instead of ZeRO's
 bf16 gradients; the trainer does not offer it), ``dssync`` (DeepSpeed's throughput timer left on: two
 device syncs per micro-batch, the trainer's default before 2026-12-02), ``selfreduce`` (at ZeRO-0 on one
-GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change) and
-``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that).
+GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change),
+``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that) and
+``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -73,7 +74,7 @@ def parse_run(name: str) -> dict:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
             "fused_router": True, "fused_monitor": True, "f32acc": False,
-            "dssync": False, "selfreduce": False, "int64sort": False}
+            "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -87,12 +88,12 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort"):
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs"):
             spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs)")
     return spec
 
 
@@ -141,6 +142,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
             precision="auto", fused_adamw=spec["fused"], log_every=args.measure, save_every=0, eval_batches=0,
             warmup_steps=5, lr=3e-4, dense_baseline="" if spec["dense"] == "sameattn" else spec["dense"], router={"aux_loss_coef": 0.01},
             profile_steps=[args.measure // 2, args.measure // 2 + 2] if spec["profile"] else [],
+            cuda_graphs=spec["graphs"],
         )
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         result = trainer.fit()
@@ -155,13 +157,14 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
             "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fused_monitor": spec["fused_monitor"], "fp32_grad_accum": spec["f32acc"],
             "deepspeed_timer_syncs": spec["dssync"], "self_all_reduce": spec["selfreduce"], "int64_sort_keys": spec["int64sort"],
+            "cuda_graphs": spec["graphs"],
             "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
             "tokens_per_s": m["train/tokens_per_s"], "tokens_per_s_per_gpu": m["train/tokens_per_s"] / world,
             "mfu": m.get("cost/mfu"), "tflops_per_s_per_gpu": m["cost/tflops_per_s"] / world,
             "usd_per_million_tokens": m.get("cost/usd_per_million_tokens"),
-            "loss_first": result.losses[0], "loss_last": result.losses[-1],
+            "loss_first": result.losses[0], "loss_last": result.losses[-1], "losses": result.losses,
             "memory_held_before_gib": held_before,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "env": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -185,7 +188,8 @@ def run(args) -> int:
 
 
 BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort"}  # code as it was before a change
-MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort"}  # dense models have no router: their pair is the run without it
+AFTER_OPTIONS = {"graphs"}  # opt-in features: compared with the same run without them
+MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs"}  # dense models have no router (nothing to graph): their pair is the run without it
 
 
 def _options(run: str) -> str:
@@ -236,6 +240,9 @@ def merge(files: list[str], out: str, note: str) -> int:
             after = ":".join([model] + [o for o in run_opts if o not in BEFORE_OPTIONS])
             if after != run and (after_rs := by.get((source, preset, mb, after, 1))):  # a change's before and after
                 entry["change_speedup"] = median(after_rs, "tokens_per_s") / median(rs, "tokens_per_s")
+            without = ":".join([model] + [o for o in run_opts if o not in AFTER_OPTIONS])
+            if without != run and (without_rs := by.get((source, preset, mb, without, 1))):  # an opt-in feature's effect
+                entry["option_speedup"] = median(rs, "tokens_per_s") / median(without_rs, "tokens_per_s")
             plain = by.get((source, preset, mb, "moe", 1))
             if plain and run != "moe":  # an option's effect on the MoE itself, measured in the same call
                 entry["tokens_per_s_vs_moe_default"] = median(rs, "tokens_per_s") / median(plain, "tokens_per_s")

@@ -127,6 +127,7 @@ class MoELayer(nn.Module):
         self.router_logits_3d = False
         self.last_aux_loss: torch.Tensor | None = None
         self._last_routing: tuple[Routing, torch.Tensor] | None = None
+        self.graphs = None  # a graphs.MoEGraphs replaying this layer's training forward and backward, or None
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()  # weak-referenceable, unlike dict
 
     @property
@@ -180,17 +181,36 @@ class MoELayer(nn.Module):
         shape = hidden_BSD.shape
         x_TD = hidden_BSD.reshape(-1, shape[-1])
         group = shape[-2] if (self.capacity_per_sequence and hidden_BSD.dim() == 3) else None
+        mask_T = self._token_mask(shape)
+        recorded = _router_logits_sink()
+        replayed = None
+        if self.graphs is not None and mask_T is None and recorded is None:
+            replayed = self.graphs.replay(self, x_TD, group)  # None: not captured for this call, run eagerly
+        if replayed is not None:
+            out_TD, routing, counts_E, self.last_aux_loss = replayed
+        else:
+            out_TD, routing, counts_E = self.compute(x_TD, group, mask_T, recorded, shape[:-1])
+        self._last_routing = (routing.detached() if torch.is_grad_enabled() else routing, counts_E)
+        if self._routing_hooks and counts_E is None:  # the decode path counts nothing it does not need
+            counts_E = routing.tokens_per_expert()
+        for hook in self._routing_hooks.values():
+            hook(self, routing, counts_E)
+        return out_TD.view(shape)
+
+    def compute(self, x_TD: torch.Tensor, group: int | None = None, mask_T: torch.Tensor | None = None,
+                recorded: list | None = None, logits_shape: tuple = ()) -> tuple[torch.Tensor, Routing, torch.Tensor | None]:
+        """(out_TD, routing, tokens_per_expert_E or None): router, experts, shared expert and aux losses,
+        everything of ``forward`` but its bookkeeping and hooks (what ``graphs.MoEGraphs`` captures)."""
         router = self.moe_router
-        router.token_mask_T = self._token_mask(shape)
+        router.token_mask_T = mask_T
         router.monitor_stats = bool(self._routing_hooks)
         try:
             routing = router(x_TD, group_size=group)
         finally:
             router.token_mask_T = None
             router.monitor_stats = False
-        recorded = _router_logits_sink()
         if recorded is not None:  # output_router_logits=True: the model's own loss adds the aux loss
-            recorded.append(routing.logits_TE.view(*shape[:-1], -1) if self.router_logits_3d else routing.logits_TE)
+            recorded.append(routing.logits_TE.view(*logits_shape, -1) if self.router_logits_3d else routing.logits_TE)
             routing.aux_losses = {}
         out_TD, counts_E = self.routed_experts(x_TD, routing)
         shared = self.shared
@@ -199,13 +219,7 @@ class MoELayer(nn.Module):
             if hasattr(self, "shared_expert_gate"):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
-        out_TD = self._attach_aux_losses(out_TD, routing)
-        self._last_routing = (routing.detached() if torch.is_grad_enabled() else routing, counts_E)
-        if self._routing_hooks and counts_E is None:  # the decode path counts nothing it does not need
-            counts_E = routing.tokens_per_expert()
-        for hook in self._routing_hooks.values():
-            hook(self, routing, counts_E)
-        return out_TD.view(shape)
+        return self._attach_aux_losses(out_TD, routing), routing, counts_E
 
     def _token_mask(self, shape) -> torch.Tensor | None:
         """[T] bool from the padding mask of this forward when it matches the tokens (during cached

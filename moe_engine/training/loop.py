@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from moe_engine.errors import ConfigError
 from moe_engine.models.adapters import moe_layers
 from moe_engine.training.config import LoopConfig
 from moe_engine.training.flops import count_params, peak_flops, train_flops_per_token, usd_per_million_tokens
@@ -81,6 +82,7 @@ class TrainLoop:
     start: int = 0
     master_weights: bool = False  # bf16 at ZeRO-0: MasterAdamW holds the float32 master weights
     master_optimizer: Any = None
+    graphs: Any = None  # moe.graphs.MoEGraphs with cuda_graphs: records step 1, replays the MoE layers after it
     losses: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -146,7 +148,24 @@ class TrainLoop:
         self.step_counts: dict[str, torch.Tensor] = {}
         for cb in self.callbacks:
             cb.setup(self)
+        self.graphs = self._cuda_graphs(model) if cfg.cuda_graphs else None
         return self
+
+    def _cuda_graphs(self, model):
+        """The MoE layers' CUDA graphs (``moe/graphs.py``): recorded during this run's first step,
+        captured after it. Dense models have nothing to capture."""
+        from moe_engine.moe.graphs import MoEGraphs
+
+        if self.device.type != "cuda":
+            raise ConfigError("cuda_graphs: true needs a CUDA GPU (this run is on the CPU); set cuda_graphs: false")
+        if self.config.ep_size > 1:
+            raise ConfigError("cuda_graphs: true runs with ep_size 1 only (expert parallelism's all-to-all has "
+                              "data-dependent sizes); set cuda_graphs: false or ep_size: 1")
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError("cuda_graphs: true supports decoder-only models (an encoder-decoder's backward "
+                              "does not run its MoE layers in reverse order); set cuda_graphs: false")
+        layers = moe_layers(self.module)
+        return MoEGraphs(layers).record() if layers else None
 
     def lr_lambda(self, step: int) -> float:
         cfg = self.config  # read at call time: a resumed run with another `steps` gets the new schedule
@@ -205,10 +224,19 @@ class TrainLoop:
             self.train_step(batches)
             for cb in self.callbacks:
                 cb.post_step(self)
+            if self.graphs is not None and self.graphs.state == "recording":
+                self.capture_graphs()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log()
         self.flush_pending_norm()
         return self
+
+    def capture_graphs(self) -> None:
+        """After the first step of this process (eager, its MoE inputs recorded), outside ``train_step``
+        so nothing holds that step's autograd graph: capture the MoE layers' CUDA graphs."""
+        captured = self.graphs.capture()
+        if self.rank == 0:
+            print(f"cuda_graphs: captured {captured} MoE layers; training forwards of that shape replay them")
 
     def train_step(self, batches) -> None:
         import torch.distributed as dist
