@@ -125,10 +125,9 @@ def init_deepspeed_single_process():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def graphed_engine(engine, tokens, D, grad_out_like):
+def graphed_engine(engine, tokens, D, device, dtype):
     """The engine layer with its training forward and backward captured (``moe/graphs.py``): one
     recorded eager step, then capture; the benchmark's fwd+bwd then replays both graphs."""
-    device, dtype = grad_out_like
     graphs = MoEGraphs([engine]).record()
     x_BSD = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
     engine(x_BSD).backward(torch.randn_like(x_BSD))
@@ -202,7 +201,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
     if device.type == "cuda":  # the training step replayed from CUDA graphs, the dense baseline likewise
-        variants["engine (CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, grad_out_like=(device, dtype))
+        variants["engine (CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
         variants["dense (fused SwiGLU, CUDA graph)"] = lambda: torch.cuda.make_graphed_callables(
             DenseSwiGLU(D, K * F_, fused=True).to(device, dtype),
             (torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True),))

@@ -33,7 +33,7 @@ there (gradient accumulation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,6 @@ class _Captured:
     aux: torch.Tensor | None = None
     fwd: Any = None
     bwd: Any = None
-    held: list = field(default_factory=list)  # everything the capture made that must stay allocated
 
     def key(self) -> tuple:
         return _key(self.sample_x if self.static_x is None else self.static_x, self.group)
@@ -168,10 +167,6 @@ class MoEGraphs:
         self._captures.append(c)
         self._by_layer[id(layer)] = c
 
-    @property
-    def captured(self) -> int:
-        return len(self._captures) if self.state == "captured" else 0
-
     def capture(self) -> int:
         """Capture every recorded layer (call after the recorded step's backward); returns how many."""
         if self.state != "recording":
@@ -226,7 +221,6 @@ class MoEGraphs:
             with torch.cuda.graph(c.fwd, pool=pool_fwd):
                 out_TD, routing, counts_E = c.layer.compute(c.static_x, c.group)
             c.static_out, c.routing, c.counts_E, c.aux = out_TD, routing.detached(), counts_E, c.layer.last_aux_loss
-            c.held = [routing]
         for c in reversed(captures):  # backwards in reverse
             c.static_grad_out = torch.zeros_like(c.static_out)
             inputs = self._grad_inputs(c, c.static_x)

@@ -64,6 +64,16 @@ def _sgd(model):
     model.zero_grad(set_to_none=True)
 
 
+def _captured_stack():
+    """(model, its graphs, an input): a top-k stack with one recorded step, then captured."""
+    _, graphed = _pair(ROUTERS["topk"])
+    graphs = MoEGraphs(list(graphed.moes)).record()
+    x = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    graphed(x).sum().backward()
+    graphs.capture()
+    return graphed, graphs, x
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -128,11 +138,7 @@ def test_other_shapes_evaluation_and_no_grad_run_eagerly():
 
 @cuda
 def test_a_backward_whose_activations_were_replayed_over_raises():
-    _, graphed = _pair(ROUTERS["topk"])
-    graphs = MoEGraphs(list(graphed.moes)).record()
-    x = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    graphed(x).sum().backward()
-    graphs.capture()
+    graphed, graphs, x = _captured_stack()
     first = graphed(x).sum()
     second = graphed(x).sum()  # replays every layer again before the first backward
     with pytest.raises(GraphOrderError, match="before this backward"):
@@ -142,11 +148,7 @@ def test_a_backward_whose_activations_were_replayed_over_raises():
 
 @cuda
 def test_replaced_parameters_are_refused():
-    _, graphed = _pair(ROUTERS["topk"])
-    graphs = MoEGraphs(list(graphed.moes)).record()
-    x = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    graphed(x).sum().backward()
-    graphs.capture()
+    graphed, graphs, x = _captured_stack()
     graphed.moes[1].gate.weight.data = graphed.moes[1].gate.weight.data.clone()
     with pytest.raises(RuntimeError, match="replaced"):
         graphed(x)
