@@ -38,6 +38,7 @@ class LoopConfig(Config):
     beta2: float = 0.95
     grad_clip: float = 1.0
     fused_adamw: bool = True  # torch's fused AdamW kernel on GPU (one pass over the fp32 master weights); CPU runs the foreach one
+    moment_dtype: str = "float32"  # float32 | bf16: AdamW's two moments stored in bf16 (as DeepSeek-V3); bf16 training at zero_stage 0
     seed: int = 0
     # parallelism and precision
     zero_stage: int = 0  # 0, 1 or 2 (ZeRO-3 is refused by DeepSpeed's MoE support)
@@ -80,6 +81,10 @@ class LoopConfig(Config):
         self.require(self.zero_stage in (0, 1, 2), "zero_stage", "0, 1 or 2 (DeepSpeed refuses ZeRO-3 with MoE)")
         self.require(self.ep_size >= 1, "ep_size", ">= 1")
         self.require(self.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32")
+        self.require(self.moment_dtype in ("float32", "bf16"), "moment_dtype", "float32 or bf16")
+        self.require(self.moment_dtype == "float32" or (self.zero_stage == 0 and self.precision != "fp32"), "moment_dtype",
+                     "float32 unless training in bf16 at zero_stage 0 (the engine's master-weight AdamW stores bf16 "
+                     "moments; DeepSpeed's ZeRO optimizers keep float32 ones)")
         for key in ("log_every", "save_every", "keep_checkpoints", "eval_batches", "eval_every"):
             self.require(getattr(self, key) >= 0, key, ">= 0")
         self.require(self.log_every > 0, "log_every", "> 0")

@@ -100,6 +100,10 @@ class TrainLoop:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         # bf16 at ZeRO-0: the engine's own float32 master weights (MasterAdamW), not DeepSpeed's ZeRO copies
         self.master_weights = self.bf16 and cfg.zero_stage == 0
+        if cfg.moment_dtype != "float32" and not self.master_weights:
+            raise ConfigError(f"moment_dtype: {cfg.moment_dtype} needs bf16 training at zero_stage 0, and this run trains "
+                              f"in float32 on the {self.device.type} (precision: {cfg.precision}); set moment_dtype: float32 "
+                              "or precision: bf16")
         if self.master_weights and cfg.ep_size > 1:
             raise ValueError("bf16 at zero_stage 0 (the fused master-weight AdamW) runs with ep_size 1 only; "
                              "use zero_stage 1 or 2 for expert parallelism")
@@ -123,7 +127,8 @@ class TrainLoop:
         if self.master_weights:  # one kernel per tensor: bf16 grad in, fp32 master and moments, bf16 weight out
             cast_parameters(model, torch.bfloat16)
             optimizer = MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                    max_grad_norm=cfg.grad_clip, fused=fused)
+                                    max_grad_norm=cfg.grad_clip, fused=fused,
+                                    moment_dtype=torch.bfloat16 if cfg.moment_dtype == "bf16" else torch.float32)
         else:
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                           fused=fused)

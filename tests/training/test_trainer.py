@@ -238,6 +238,26 @@ def test_bf16_at_zero_stage_0_keeps_float32_master_weights_and_resumes_bitwise(d
         Trainer(out_dir=tmp_path / "ep", **{**kw, "ep_size": 2}).fit()
 
 
+def test_bf16_moments_are_stored_in_bf16_and_refused_where_the_optimizer_cannot_keep_them(gpu_data, tmp_path):
+    """moment_dtype: bf16 (DeepSeek-V3's AdamW moments) at bf16 ZeRO-0: the checkpointed moments are bf16
+    and the master weights float32; float32 training and ZeRO >= 1 refuse it with a config error."""
+    from moe_engine.errors import ConfigError
+    from moe_engine.training import checkpoint
+
+    kw = dict(arch="mixtral", data=gpu_data, zero_stage=0, steps=2, save_every=2, moment_dtype="bf16", **FAST)
+    result = Trainer(out_dir=tmp_path / "a", precision="bf16", **kw).fit()
+    assert all(math.isfinite(x) for x in result.losses)
+    state = checkpoint.load_file(tmp_path / "a" / "checkpoints" / "step_00000002" / "rank00000.pt")["optimizer"]["state"]
+    assert state and {s[k].dtype for s in state.values() for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+    assert {s["master"].dtype for s in state.values()} == {torch.float32}
+    if not torch.cuda.is_available():  # precision auto: float32 on a CPU
+        with pytest.raises(ConfigError, match="moment_dtype: bf16 needs bf16 training at zero_stage 0.*precision: bf16"):
+            Trainer(out_dir=tmp_path / "b", **kw).fit()
+    for bad in ({"precision": "fp32"}, {"precision": "bf16", "zero_stage": 1}):
+        with pytest.raises(ConfigError, match="moment_dtype = 'bf16': must be float32 unless training in bf16 at zero_stage 0"):
+            Trainer(out_dir=tmp_path / "c", **{**kw, **bad}).fit()
+
+
 def test_cpu_training_does_not_build_deepspeeds_inference_op(demo_data, tmp_path):
     """The shared-memory all-reduce op that DeepSpeed JIT-compiles on CPU (a minute on a fresh machine)
     serves only DeepSpeed inference: the trainer's CPU runs leave it unbuilt."""
