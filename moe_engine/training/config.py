@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from moe_engine.analytics.online import MonitorConfig
 from moe_engine.config import Config, optional_fields
 from moe_engine.moe.router import RouterConfig
+from moe_engine.training.master_adamw import BF16_MOMENT_MAX_BETA
 
 RouterSettings = optional_fields(
     RouterConfig, "RouterSettings",
@@ -85,6 +86,10 @@ class LoopConfig(Config):
         self.require(self.moment_dtype == "float32" or (self.zero_stage == 0 and self.precision != "fp32"), "moment_dtype",
                      "float32 unless training in bf16 at zero_stage 0 (the engine's master-weight AdamW stores bf16 "
                      "moments; DeepSpeed's ZeRO optimizers keep float32 ones)")
+        self.require(self.moment_dtype == "float32" or max(self.beta1, self.beta2) <= BF16_MOMENT_MAX_BETA, "moment_dtype",
+                     f"float32 with beta1 {self.beta1} and beta2 {self.beta2}: a bf16 moment cannot decay by less than "
+                     f"1/256 of itself (beta2 0.999 would freeze exp_avg_sq); use betas <= {BF16_MOMENT_MAX_BETA} "
+                     "(DeepSeek-V3 trained with 0.9, 0.95)")
         for key in ("log_every", "save_every", "keep_checkpoints", "eval_batches", "eval_every"):
             self.require(getattr(self, key) >= 0, key, ">= 0")
         self.require(self.log_every > 0, "log_every", "> 0")

@@ -60,6 +60,9 @@ def _kernel():
 
 
 _BLOCK = 2048
+# A bf16 moment m decays as m * beta, which rounds back to m when 1 - beta is below half a bf16 ulp
+# (2**-9 to 2**-8 of m): beta 0.999 would freeze it. 0.99 keeps a 2.5x margin.
+BF16_MOMENT_MAX_BETA = 0.99
 
 
 class MasterAdamW(torch.optim.Optimizer):
@@ -77,6 +80,10 @@ class MasterAdamW(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}, max_grad_norm={max_grad_norm}")
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"MasterAdamW stores moments as torch.float32 or torch.bfloat16, not {moment_dtype}")
+        if moment_dtype == torch.bfloat16 and max(betas) > BF16_MOMENT_MAX_BETA:
+            raise ValueError(f"bf16 moments with betas {tuple(betas)}: a bf16 value rounds away a decay of less than "
+                             f"1/256 of itself, so a moment would stop decaying; use betas <= {BF16_MOMENT_MAX_BETA} "
+                             "or float32 moments")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.moment_dtype = moment_dtype
         self.max_grad_norm = max_grad_norm

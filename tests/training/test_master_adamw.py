@@ -122,6 +122,17 @@ def test_bf16_moments_round_trip_and_a_mismatched_state_is_refused():
         MasterAdamW(_groups(first), moment_dtype=torch.float16)
 
 
+def test_bf16_moments_refuse_betas_whose_decay_bf16_rounds_away():
+    """m * 0.999 rounds back to m in bf16 for every m (the step is below half an ulp): with beta2 0.999 the
+    second moment would never decay. The optimizer refuses such betas; 0.95 decays, as computed."""
+    m = torch.tensor([1.0, 1.5, 1.99], dtype=torch.bfloat16)
+    assert torch.equal((m.float() * 0.999).to(torch.bfloat16), m)
+    assert (m.float() * 0.95).to(torch.bfloat16).lt(m).all()
+    with pytest.raises(ValueError, match=r"betas \(0.9, 0.999\).*stop decaying"):
+        MasterAdamW(_groups(_params("cpu")), betas=(0.9, 0.999), moment_dtype=torch.bfloat16)
+    MasterAdamW(_groups(_params("cpu")), betas=(0.9, 0.999))  # float32 moments: fine
+
+
 @pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda" or INTERPRETED, reason="the kernel runs directly here")
 def test_kernel_in_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}

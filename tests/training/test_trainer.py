@@ -256,6 +256,8 @@ def test_bf16_moments_are_stored_in_bf16_and_refused_where_the_optimizer_cannot_
     for bad in ({"precision": "fp32"}, {"precision": "bf16", "zero_stage": 1}):
         with pytest.raises(ConfigError, match="moment_dtype = 'bf16': must be float32 unless training in bf16 at zero_stage 0"):
             Trainer(out_dir=tmp_path / "c", **{**kw, **bad}).fit()
+    with pytest.raises(ConfigError, match="moment_dtype = 'bf16': must be float32 with beta1 0.9 and beta2 0.999.*1/256"):
+        Trainer(out_dir=tmp_path / "d", **{**kw, "precision": "bf16", "beta2": 0.999}).fit()
 
 
 def test_cpu_training_does_not_build_deepspeeds_inference_op(demo_data, tmp_path):
