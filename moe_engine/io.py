@@ -68,23 +68,47 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+# Every output folder moe-lab publishes holds this file: only such a folder (or an empty one) is
+# replaced whole, so ``--out`` naming a folder of the user's own files refuses instead of deleting them.
+OUTPUT_MARKER = ".moe-lab-output"
+# Folders published before the marker existed: recognised by the file their stage always writes.
+_LEGACY_MARKERS = ("metrics.json", "manifest.json", "config.json", "adapter_config.json", "report.html", "index.html")
+
+
+def _check_replaceable(path: Path) -> None:
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise InputError(f"{path} is a file, not a folder: choose a new folder (or one moe-lab wrote) for --out")
+    visible = [p for p in path.iterdir() if not p.name.startswith(".")]  # e.g. the .gitignore DVC writes there
+    if visible and not any((path / name).exists() for name in (OUTPUT_MARKER, *_LEGACY_MARKERS)):
+        raise InputError(f"{path} exists and holds files moe-lab did not write (it has no {OUTPUT_MARKER}); "
+                         "refusing to replace it: choose a new or empty folder for --out, or remove it yourself")
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, directory: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (a directory, or a file path when ``directory=False``);
-    it replaces ``path`` only when the block finishes without an exception."""
+    it replaces ``path`` only when the block finishes without an exception. A directory output may
+    replace only an empty folder or one moe-lab wrote (``OUTPUT_MARKER``); anything else is an
+    ``InputError`` before any work."""
     path = Path(path)
     ensure_writable_dir(path.parent)
     _sweep(path)
+    if directory:
+        _check_replaceable(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     _remove(tmp)
     if directory:
         tmp.mkdir()
     try:
         yield tmp
+        if directory:
+            (tmp / OUTPUT_MARKER).write_text("written by moe-lab: the next run with this output replaces the whole folder\n")
+        publish(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
-    publish(tmp, path)
 
 
 def publish(tmp: Path, path: Path) -> None:
