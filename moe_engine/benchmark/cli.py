@@ -28,6 +28,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from moe_engine.benchmark.config import BenchmarkConfig
     from moe_engine.benchmark.run import run
     from moe_engine.config import load_section, parse_sets
+    from moe_engine.stages import sections
 
     models = parse_models(args.model)
     sets = parse_sets(args.set)
@@ -36,7 +37,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             sets[flag] = getattr(args, flag)
     if args.tasks is not None:
         sets["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    config = load_section(BenchmarkConfig, args.params, args.section, sets)
+    config = load_section(BenchmarkConfig, args.params, args.section, sets,
+                          known_sections=sections() if args.params is not None else None)
     metrics = run(config, models, args.data, args.out)
     from moe_engine.tracking.lineage import stage_run  # a no-op unless MLFLOW_TRACKING_URI is set
 

@@ -59,12 +59,12 @@ def check_model_dir(name: str, path: str | Path) -> Path:
 
 def load_model(path: str | Path):
     """An MoE checkpoint with the engine's layers installed, or any other model as stock transformers loads it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from moe_engine.models.adapters import ADAPTERS
-    from moe_engine.models.loading import load
+    from moe_engine.models.loading import load, read_config
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = read_config(path)
     if config.model_type in ADAPTERS:
         return load(path, local_files_only=True)
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

@@ -16,7 +16,6 @@ The lead wires it into moe_engine/cli.py with `add_parser(subparsers)`; `main()`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -66,9 +65,10 @@ def _validate(args: argparse.Namespace) -> None:
     from moe_engine.data.pipeline import validate_data
 
     summary = validate_data(args.paths, _config(args), args.report)
-    if args.metrics:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.metrics:  # atomically, with a readable error for a folder that cannot be made
+        from moe_engine.io import write_json
+
+        write_json(args.metrics, summary)
     print(f"valid: {summary['documents']} documents"
           + (f", {summary['tokens']:,} tokens in shards" if "tokens" in summary else "")
           + (f"; report: {summary['report']}" if "report" in summary else ""))

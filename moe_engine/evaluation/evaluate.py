@@ -69,17 +69,15 @@ def sequence_losses(model, data_dir: Path, split: str, batch_size: int = 16, max
 def load_model(model_dir: Path, expect_moe: bool | None = None):
     """A trained checkpoint: MoE ones with engine layers, dense ones as they are. ``expect_moe``
     refuses the wrong kind (a dense baseline passed as the MoE run would be labelled MoE)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from moe_engine.errors import InputError
     from moe_engine.models.adapters import ADAPTERS, moe_layers
-    from moe_engine.models.loading import load
+    from moe_engine.models.loading import load, read_config
     from moe_engine.models.io import check_weight_files
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"{model_dir} is not a model directory (no config.json); pass a `moe-lab pretrain --out` folder")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir, "pass a `moe-lab pretrain --out` folder")
     if config.model_type in ADAPTERS:
         model = load(model_dir)
     else:
@@ -176,4 +174,7 @@ def _train_metrics(run_dir: Path) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         raise InputError(f"{path} is missing: is {run_dir} the --out directory of a finished `moe-lab pretrain`?")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read as JSON ({exc}): re-run `moe-lab pretrain` for {run_dir}") from None

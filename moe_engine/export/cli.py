@@ -11,6 +11,7 @@ def run_export(args: argparse.Namespace) -> int:
     from moe_engine.config import load_section
     from moe_engine.export.config import ExportConfig
     from moe_engine.export.export import run
+    from moe_engine.stages import sections
     from moe_engine.tracking.lineage import stage_run  # a no-op unless MLFLOW_TRACKING_URI is set
 
     sets = list(args.set)  # command-line flags win over params.yaml and --set
@@ -18,7 +19,8 @@ def run_export(args: argparse.Namespace) -> int:
         sets.append("with_past=false")
     if args.fused_moe is not None:
         sets.append(f"fused_moe={args.fused_moe}")
-    config = load_section(ExportConfig, args.params, args.section, sets)
+    config = load_section(ExportConfig, args.params, args.section, sets,
+                          known_sections=sections() if args.params is not None else None)
     result = run(config, args.model, args.out, args.quantized, args.data)
     out = Path(args.out)
     run_id = stage_run("export", config.to_dict(), result.metrics, [out / "metrics.json", out / "report.md", out / "export.json"])

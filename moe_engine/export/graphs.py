@@ -43,16 +43,15 @@ def _exporter():
 
 def load_stock(model_dir: Path, experts_implementation: str = "grouped_mm") -> nn.Module:
     """The checkpoint in stock transformers (no engine layers), fp32, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from moe_engine.models.io import check_weight_files
+    from moe_engine.models.loading import read_config
     from moe_engine.quantize.format import quantization_of
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"{model_dir} is not a model directory (no config.json)")
+    config = read_config(model_dir, "pass a `moe-lab pretrain --out` model folder")
     check_weight_files(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
     if quantization_of(config) is not None:
         raise InputError(f"{model_dir} is a quantized checkpoint: pass the unquantized model as --model and this one "
                          "as --quantized")

@@ -48,7 +48,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:200]}); pass --tokenizer DIR "
                          "(a Hugging Face tokenizer folder)") from None

@@ -13,9 +13,9 @@ def run_gate(args: argparse.Namespace) -> int:
     if not args.baseline.exists():
         raise GateError(f"baseline {args.baseline} does not exist")
     try:
-        baseline = json.loads(args.baseline.read_text())
-    except json.JSONDecodeError as exc:
-        raise GateError(f"baseline {args.baseline} is not valid JSON: {exc}") from None
+        baseline = json.loads(args.baseline.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # a folder, unreadable, not UTF-8, not JSON
+        raise GateError(f"baseline {args.baseline} cannot be read as a JSON file: {exc}") from None
     rows, passed = evaluate(baseline, load_sources(args.metrics))
     differs = []
     if args.params is not None:

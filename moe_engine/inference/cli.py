@@ -56,7 +56,10 @@ def _prompts(args) -> list[str]:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise InputError(f"--prompt-file {args.prompt_file} does not exist")
-        prompts.append(args.prompt_file.read_text(encoding="utf-8").rstrip("\n"))
+        try:
+            prompts.append(args.prompt_file.read_text(encoding="utf-8").rstrip("\n"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--prompt-file {args.prompt_file} cannot be read as UTF-8 text: {exc}") from None
     if not prompts:
         raise InputError("give a prompt: --prompt TEXT (repeat it for a batch) or --prompt-file PATH")
     return prompts

@@ -23,7 +23,26 @@ def model_config(arch: str, preset: str = "tiny", **overrides) -> PretrainedConf
         from moe_engine.errors import ConfigError
 
         raise ConfigError(f"{arch} config has no field(s) {unknown}; check the spelling against transformers' {type(known).__name__}")
-    return AutoConfig.for_model(arch, **kwargs)
+    config = AutoConfig.for_model(arch, **kwargs)
+    _check_attention_shape(config, explicit_head_dim=kwargs.get("head_dim") is not None)
+    return config
+
+
+def _check_attention_shape(config: PretrainedConfig, explicit_head_dim: bool) -> None:
+    """Head counts that transformers accepts but that fail in the first forward (a shape error deep in
+    attention or RoPE): refused here as a ConfigError naming the fields."""
+    from moe_engine.errors import ConfigError
+
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not heads or not hidden or config.is_encoder_decoder:  # Switch (T5 layout) sets d_kv itself
+        return
+    if kv_heads and heads % kv_heads:
+        raise ConfigError(f"model.num_attention_heads = {heads} is not a multiple of model.num_key_value_heads = "
+                          f"{kv_heads}: grouped-query attention shares each key/value head among whole groups")
+    if not explicit_head_dim and hidden % heads:
+        raise ConfigError(f"model.hidden_size = {hidden} is not divisible by model.num_attention_heads = {heads}: "
+                          "pick a head count that divides it, or set model.head_dim")
 
 
 def _model_class(config: PretrainedConfig):

@@ -11,19 +11,28 @@ from moe_engine.models.adapters import patch
 from moe_engine.models.build import _model_class
 
 
-def load(path: str | Path, *, router: dict | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
-    """``from_pretrained(path)`` of any supported MoE checkpoint (local dir), then ``patch``."""
+def read_config(path: str | Path, hint: str = "pass the folder save_pretrained wrote"):
+    """A local model directory's transformers config; a missing, unreadable or unknown config.json is an
+    ``InputError`` naming the file (``hint`` says what to pass instead)."""
     from moe_engine.errors import InputError
-    from moe_engine.models.io import check_weight_files
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a model directory (no config.json); pass the folder save_pretrained wrote")
-    check_weight_files(path)
+        raise InputError(f"{path} is not a model directory (no config.json); {hint}")
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path / 'config.json'} cannot be read as a transformers config: {exc}") from None
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path / 'config.json'} cannot be read as a transformers config: "
+                         f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def load(path: str | Path, *, router: dict | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+    """``from_pretrained(path)`` of any supported MoE checkpoint (local dir), then ``patch``."""
+    from moe_engine.models.io import check_weight_files
+
+    path = Path(path)
+    config = read_config(path)
+    check_weight_files(path)
     from moe_engine.quantize.format import load_quantized, quantization_of
 
     if quantization_of(config) is not None:  # written by `moe-lab quantize`: quantized experts behind the seam

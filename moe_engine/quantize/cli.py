@@ -11,6 +11,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from moe_engine.config import load_section
     from moe_engine.quantize.config import QuantizeConfig
     from moe_engine.quantize.quantize import run
+    from moe_engine.stages import sections
     from moe_engine.tracking.lineage import stage_run  # a no-op unless MLFLOW_TRACKING_URI is set
 
     sets = list(args.set)  # command-line flags win over params.yaml and --set
@@ -18,7 +19,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         sets.append(f"bits={args.bits}")
     if args.group_size is not None:
         sets.append(f"group_size={args.group_size}")
-    config = load_section(QuantizeConfig, args.params, args.section, sets)
+    config = load_section(QuantizeConfig, args.params, args.section, sets,
+                          known_sections=sections() if args.params is not None else None)
     result = run(config, args.model, args.out, args.data)
     out = Path(args.out)
     run_id = stage_run("quantize", config.to_dict(), result.metrics,

@@ -97,10 +97,8 @@ class QuantizeResult:
 def run(config: QuantizeConfig, model_dir: str | Path, out_dir: str | Path, data_dir: str | Path | None = None) -> QuantizeResult:
     """Quantize ``model_dir`` into ``out_dir/model``; write ``metrics.json``, ``errors.csv`` and
     ``report.md`` beside it. Nothing is published unless the reload check and the gate pass."""
-    from transformers import AutoConfig
-
     from moe_engine.io import atomic_output, write_json
-    from moe_engine.models.loading import load
+    from moe_engine.models.loading import load, read_config
     from moe_engine.models.io import save_model
     from moe_engine.quantize import gate as qgate
     from moe_engine.quantize.format import _tokenizer, quantization_of
@@ -113,7 +111,7 @@ def run(config: QuantizeConfig, model_dir: str | Path, out_dir: str | Path, data
     if gate_on and data_dir is None:
         raise ConfigError("quantize.gate.enabled = true needs prepared shards: pass --data DIR (from `moe-lab data prepare`) "
                           "or --set gate.enabled=false")
-    if (model_dir / "config.json").is_file() and quantization_of(AutoConfig.from_pretrained(model_dir)) is not None:
+    if quantization_of(read_config(model_dir, "pass a `moe-lab pretrain --out` model folder")) is not None:
         raise InputError(f"{model_dir} is already quantized; pass the unquantized model")
     model = load(model_dir).eval()
     memory_original = state_bytes(model)

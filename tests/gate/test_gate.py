@@ -48,11 +48,18 @@ def test_cli_exit_codes(tmp_path):
     ({"about": "forgot the checks"}, "the baseline has no checks"),
     ({"checks": ["loss"]}, "check #0 must be a mapping"),
     ({"checks": [dict(BASE["checks"][0], baseline="5.0")]}, "baseline must be a number, got '5.0'"),
-    ("[1, 2", "is not valid JSON"),
+    ("[1, 2", "cannot be read as a JSON file"),
+    (b"\xff\xfe{}", "cannot be read as a JSON file"),  # not UTF-8
+    (None, "cannot be read as a JSON file"),  # a folder
 ])
 def test_an_empty_or_malformed_baseline_exits_2(baseline, message, tmp_path):
     path = tmp_path / "b.json"
-    path.write_text(baseline if isinstance(baseline, str) else json.dumps(baseline))
+    if baseline is None:
+        path.mkdir()
+    elif isinstance(baseline, bytes):
+        path.write_bytes(baseline)
+    else:
+        path.write_text(baseline if isinstance(baseline, str) else json.dumps(baseline))
     (tmp_path / "ev.json").write_text(json.dumps({"moe": {"val_loss": 5.0}}))
     proc = subprocess.run([sys.executable, "-m", "moe_engine.cli", "gate", "--baseline", str(path),
                            "--metrics", f"ev={tmp_path / 'ev.json'}"], capture_output=True, text=True)

@@ -54,3 +54,8 @@ def test_missing_model_or_prompt_exit_2(tmp_path, tiny_dir, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_dir)]) == 2
     assert "give a prompt" in capsys.readouterr().err
+    latin1 = tmp_path / "prompt.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["generate", "--model", str(tiny_dir), "--prompt-file", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-file {latin1} cannot be read as UTF-8 text" in err and "Traceback" not in err

@@ -66,3 +66,25 @@ def test_bad_settings_and_inputs_are_user_errors(tiny_dirs, tmp_path, capsys):
     assert _run("--model", tiny_dirs["mixtral"], "--out", tmp_path / "q", "--set", "gate.enabled=false") == 0
     assert _run("--model", tmp_path / "q" / "model", "--out", tmp_path / "qq", "--set", "gate.enabled=false") == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_a_broken_config_a_misspelled_section_and_a_foreign_out_folder_are_user_errors(tiny_dirs, tmp_path, capsys):
+    """Each is exit 2 with the file, section or folder named, and nothing of the user's is touched."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert _run("--model", broken, "--out", tmp_path / "a", "--set", "gate.enabled=false") == 2
+    assert f"{broken / 'config.json'} cannot be read as a transformers config" in capsys.readouterr().err
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert _run("--model", broken, "--out", tmp_path / "a", "--set", "gate.enabled=false") == 2
+    assert "cannot be read as a transformers config" in capsys.readouterr().err
+    params = tmp_path / "params.yaml"
+    params.write_text("quantize: {bits: 8}\nquantise: {bits: 4}\n")
+    assert _run("--model", tiny_dirs["mixtral"], "--out", tmp_path / "a", "--params", params) == 2
+    assert "unknown section(s) quantise" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert _run("--model", tiny_dirs["mixtral"], "--out", mine, "--set", "gate.enabled=false") == 2
+    assert "mine exists and holds files moe-lab did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"

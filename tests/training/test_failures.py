@@ -37,6 +37,8 @@ def _pretrain(data, out, *sets, fresh=False):
     (["lr=fast"], "pretrain.lr: expected float, got 'fast'"),
     (["preset=huge"], "pretrain.preset = 'huge': must be a preset of mixtral"),
     (["model.hidden_sizee=8"], "mixtral config has no field(s) ['hidden_sizee']"),
+    (["model.num_attention_heads=3"], "model.num_attention_heads = 3 is not a multiple of model.num_key_value_heads = 2"),
+    (["model.num_attention_heads=6", "model.num_key_value_heads=6"], "model.hidden_size = 64 is not divisible by model.num_attention_heads = 6"),
     (["router_monitor.imbalance_alert=0.5"], "imbalance_alert = 0.5: must be >= 1"),
 ])
 def test_bad_settings_exit_2_before_deepspeed_starts(sets, message, demo_data, tmp_path, capsys):
