@@ -15,6 +15,8 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# caches and state of the tools stay in the project, not under $HOME
+export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 
 .PHONY: help setup demo test test-fast clean browser coverage
 
@@ -98,4 +100,4 @@ deploy: setup  ## create the deployments of prefect.yaml (nightly, on-demand, ga
 pipeline-flow: setup  ## run the pipeline flow once, in this shell; e.g. ARGS="--steps 50 --set pretrain.lr=1e-3"
 	@if curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; then eval "$$($(SERVICES) env)"; fi; \
 	if curl -sf http://127.0.0.1:$(MLFLOW_PORT)/health >/dev/null; then export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT); fi; \
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python flows/pipeline.py $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" PREFECT_HOME="$${PREFECT_HOME:-$(abspath mlflow/store/prefect)}" $(BIN)/python flows/pipeline.py $(ARGS)

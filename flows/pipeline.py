@@ -15,8 +15,13 @@ project's outputs are never touched, and the result is also saved as a DVC exper
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# `python flows/pipeline.py` without `make`: Prefect's temporary server keeps its database in the
+# project (as the Makefile and mlflow/services.sh do), not under $HOME; set before prefect is imported
+os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / "mlflow" / "store" / "prefect"))
 
 from prefect import flow
 from prefect.runtime import flow_run
