@@ -73,7 +73,7 @@ def bench_run(bench_models, demo_data, tmp_path_factory) -> dict:
 
 def test_command_writes_its_outputs_offline_and_nowhere_else(bench_run):
     out = bench_run["out"]
-    assert _files_under(out) == ["compare.md", "metrics.json", "results/dense.json", "results/dense.samples.jsonl",
+    assert _files_under(out) == [".moe-lab-output", "compare.md", "metrics.json", "results/dense.json", "results/dense.samples.jsonl",
                                  "results/moe.json", "results/moe.samples.jsonl"]
     for where in ("home", "cwd", "tmpdir"):  # the datasets cache and task files lived in the output's work folder
         assert _files_under(bench_run[where]) == [], where
