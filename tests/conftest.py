@@ -34,6 +34,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=key)  # stable: the order inside each file, and of the other files, is kept
 
 
+@pytest.fixture
+def run_in_triton_interpreter():
+    """``run(test_file, select)``: the tests of ``test_file`` matching ``-k select`` in a pytest subprocess
+    with Triton's CPU interpreter on (it must be on before Triton is first imported); asserts they
+    passed and returns pytest's summary line."""
+    import subprocess
+    import sys
+
+    def run(test_file: str, select: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", select,
+                               test_file], env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

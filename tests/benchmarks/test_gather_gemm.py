@@ -6,7 +6,6 @@ first imported)."""
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,11 +70,6 @@ def test_kernel_gather_wgrad_matches_the_reference(gather_g, gather_x):
 
 
 @pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda" or INTERPRETED, reason="the kernels run directly here")
-def test_kernels_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "kernel_gather",
-                          __file__], env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    summary = run.stdout.strip().splitlines()[-1]
+def test_kernels_in_triton_interpreter(run_in_triton_interpreter):
+    summary = run_in_triton_interpreter(__file__, "kernel_gather")
     assert re.search(r"\b7 passed\b", summary), summary

@@ -6,9 +6,6 @@ import copy
 import importlib.util
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -134,13 +131,8 @@ def test_bf16_moments_refuse_betas_whose_decay_bf16_rounds_away():
 
 
 @pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda" or INTERPRETED, reason="the kernel runs directly here")
-def test_kernel_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "kernel",
-                          __file__], env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    summary = run.stdout.strip().splitlines()[-1]
+def test_kernel_in_triton_interpreter(run_in_triton_interpreter):
+    summary = run_in_triton_interpreter(__file__, "kernel")
     assert re.search(r"\b4 passed, 1 skipped\b", summary), summary
 
 
