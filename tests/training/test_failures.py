@@ -62,7 +62,7 @@ def test_unknown_params_section_is_refused_with_the_valid_ones(demo_data, tmp_pa
     params = tmp_path / "params.yaml"
     params.write_text("pretrain: {steps: 2}\npretrian: {steps: 3}\n")
     assert main(["pretrain", "--data", str(demo_data), "--params", str(params), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown section(s) pretrian (valid: analyze, benchmark, data, evaluate, export, finetune, pretrain" in capsys.readouterr().err
+    assert "unknown section(s) pretrian (valid: analyze, benchmark, data, evaluate, export, finetune, generate, pretrain" in capsys.readouterr().err
 
 
 def test_a_missing_shard_is_named_before_training(demo_data, tmp_path, capsys):
@@ -110,9 +110,34 @@ def test_resume_rules_lr_applies_other_settings_refused(demo_data, tmp_path, cap
     assert "micro_batch_size: 4 -> 2" in err and "Only " in err and "--fresh" in err
     assert _pretrain(demo_data, tmp_path, "steps=8", "save_every=2", "arch=olmoe") == 2
     assert "arch: 'mixtral' -> 'olmoe'" in capsys.readouterr().err
-    # --fresh starts over, without the old checkpoints once its own exist
+    # --fresh starts over, without the old checkpoints once its own exist, and without the old run's
+    # history rows past this run's end
     assert _pretrain(demo_data, tmp_path, "steps=2", "save_every=2", "arch=olmoe", fresh=True) == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert [r["step"] for r in read_history(tmp_path / "history.csv")] == [1, 2]
+    assert not (tmp_path / "history.partial.csv").exists()
+
+
+def test_a_failed_fresh_run_leaves_the_last_runs_history_and_snapshots(demo_data, tmp_path, monkeypatch):
+    from moe_engine.training.callbacks.history import History
+
+    assert _pretrain(demo_data, tmp_path, "steps=4", "save_every=0", "snapshot_every=2") == 0
+    kept = {p: p.read_bytes() for p in [tmp_path / "history.csv", *sorted((tmp_path / "snapshots").rglob("*"))] if p.is_file()}
+    assert sorted(p.name for p in (tmp_path / "snapshots").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+    def fail_at_step_3(self, loop, post=History.post_step):
+        post(self, loop)
+        if loop.step == 3:
+            raise RuntimeError("the node went away")
+
+    monkeypatch.setattr(History, "post_step", fail_at_step_3)
+    with pytest.raises(RuntimeError, match="the node went away"):
+        _pretrain(demo_data, tmp_path, "steps=6", "save_every=0", "snapshot_every=1", fresh=True)
+    assert {p: p.read_bytes() for p in kept} == kept  # the last good run's rows and snapshots, bit for bit
+    assert sorted(p.name for p in (tmp_path / "snapshots").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in read_history(tmp_path / "history.partial.csv")] == [1, 2, 3]  # the failed run's own
+    # step 3 failed before its snapshot (History runs before Snapshots)
+    assert sorted(p.name for p in (tmp_path / "snapshots.partial").glob("step_*")) == ["step_00000001", "step_00000002"]
 
 
 def _listening(pid: int) -> list[str]:
@@ -150,6 +175,7 @@ def test_an_interrupted_run_keeps_the_outputs_binds_loopback_only_and_counts_acr
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (143, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
     assert (resumed / "metrics.json").read_bytes() == before  # the interrupted run published nothing
+    assert [r["step"] for r in read_history(resumed / "history.csv")] == [1, 2, 3, 4]
     assert addresses <= {"127.0.0.1", "::1"}, addresses
     subprocess.run(_pretrain_cmd(demo_data, resumed, 12, 4), check=True, env=env, capture_output=True)
     a = json.loads((straight / "tokens_per_expert.json").read_text())

@@ -20,10 +20,10 @@ from moe_engine.training.trainer import Trainer, TrainingDiverged, warmup_cosine
 FAST = dict(micro_batch_size=4, log_every=5, eval_batches=2, warmup_steps=2, lr=3e-3)
 
 
-def _history(out: Path) -> list[dict]:
+def _history(out: Path, name: str = "history.csv") -> list[dict]:
     from moe_engine.training.callbacks.history import read_history
 
-    return read_history(out / "history.csv")
+    return read_history(out / name)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -110,7 +110,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_data, tm
     with pytest.raises(TrainingDiverged, match="step 4.*step_00000002"):
         Trainer(model, data=demo_data, out_dir=tmp_path, steps=10, save_every=2, **FAST).fit()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert len(_history(tmp_path)) == 3  # the diverged step was never recorded as trained
+    # the diverged step was never recorded as trained; the failed run's rows stay in the partial file
+    assert len(_history(tmp_path, "history.partial.csv")) == 3 and not (tmp_path / "history.csv").exists()
 
 
 def test_nan_in_an_early_micro_batch_stops_before_the_step_that_accumulated_it(demo_data, tmp_path):
@@ -124,7 +125,7 @@ def test_nan_in_an_early_micro_batch_stops_before_the_step_that_accumulated_it(d
     model.lm_head.register_forward_hook(poison)
     with pytest.raises(TrainingDiverged, match="step 3.*step_00000002"):
         Trainer(model, data=demo_data, out_dir=tmp_path, steps=6, save_every=2, grad_accum=2, **FAST).fit()
-    assert calls["n"] == 6 and len(_history(tmp_path)) == 2
+    assert calls["n"] == 6 and len(_history(tmp_path, "history.partial.csv")) == 2
 
 
 @pytest.mark.parametrize("poisoned_backward", [3, 4])  # 4: the step right before a checkpoint
@@ -140,7 +141,7 @@ def test_nan_gradient_with_a_finite_loss_stops_the_run_before_its_weights_are_sa
     with pytest.raises(TrainingDiverged, match=f"gradient norm became (nan|inf|nan/inf) at step {poisoned_backward} .*step_00000002"):
         Trainer(model, data=demo_data, out_dir=tmp_path, steps=8, save_every=2, zero_stage=1, **FAST).fit()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert len(_history(tmp_path)) == poisoned_backward  # its loss was finite; the next step never ran
+    assert len(_history(tmp_path, "history.partial.csv")) == poisoned_backward  # its loss was finite; the next step never ran
 
 
 def test_profiled_steps_write_an_operator_table_and_a_trace(demo_data, tmp_path):
