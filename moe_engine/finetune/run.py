@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,17 +94,25 @@ def finetune(base: str | Path, data: str | Path, out_dir: str | Path = "outputs/
 
 def _finetune_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokenizer, retention, stage) -> FinetuneResult:
     from moe_engine.io import atomic_output, ensure_writable_dir
+
+    ensure_writable_dir(out)
+    # the task data's report is built now and published after the model, adapter and metrics: a
+    # fine-tune that fails leaves the last good run's outputs, its report included, as they were
+    with atomic_output(out / "validation") as report:
+        return _train_one(base, data, out, cfg, tokenizer, retention, stage, report)
+
+
+def _train_one(base: Path, data: Path, out: Path, cfg: FinetuneConfig, tokenizer, retention, stage,
+               report: Path) -> FinetuneResult:
     from moe_engine.models.loading import load
     from moe_engine.training import callbacks as cb
     from moe_engine.training.loop import TrainLoop
     from moe_engine.training.objectives import SupervisedObjective
 
-    ensure_writable_dir(out)
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else base)
     encoder = TaskEncoder(tok, cfg.task.max_length, cfg.task.template)
     train, test, source = load_task(data, cfg.task)
-    with atomic_output(out / "validation") as report:
-        summary = validate_records(train, encoder, cfg.task, str(data), report)
+    summary = validate_records(train, encoder, cfg.task, str(data), report)
     summary["report"] = str(out / "validation" / "index.html")  # where it is now, not the temporary it was built in
     if not test:
         raise InputError(f"task data {data} has no held-out records (test.* file, or test_fraction); nothing to evaluate on")
@@ -191,13 +200,13 @@ def _outputs(loop, cfg, out: Path, tok, metrics, selected, scores) -> FinetuneRe
 
     adapter_dir = None
     module = loop.module
-    if cfg.method == "lora":
-        if loop.rank == 0:
-            with atomic_output(out / "adapter") as tmp:
-                module.save_pretrained(tmp)
-            adapter_dir = out / "adapter"
-        module = module.merge_and_unload()
-    model_dir = export_model(loop, out / "model", tok, module=module)
+    with ExitStack() as staged:  # the adapter is published once the merged model is saved too
+        if cfg.method == "lora":
+            if loop.rank == 0:
+                module.save_pretrained(staged.enter_context(atomic_output(out / "adapter")))
+                adapter_dir = out / "adapter"
+            module = module.merge_and_unload()
+        model_dir = export_model(loop, out / "model", tok, module=module)
     result = FinetuneResult(cfg.method, out, model_dir, adapter_dir, metrics, losses=list(loop.losses))
     if loop.rank != 0:
         return result

@@ -93,6 +93,22 @@ def test_lora_adapter_loads_in_stock_peft_with_the_merged_models_logits(base, de
     assert tokenizer.eos_token_id is not None
 
 
+def test_a_fine_tune_that_fails_at_the_end_leaves_every_output_of_the_last_one(base, demo_data, tmp_path, monkeypatch):
+    import moe_engine.training.trainer as trainer
+
+    me.finetune(base, TASK, tmp_path, method="lora", **QUICK)
+    files = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert any(p.parent.name == "adapter" for p in files) and any(p.parent.name == "validation" for p in files)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "export_model", disk_full)  # trained, adapter saved, merged model not
+    with pytest.raises(OSError, match="No space left"):
+        me.finetune(base, TASK, tmp_path, method="lora", **{**QUICK, "lr": 1e-2})
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and p.name != "history.partial.csv"} == files
+
+
 def test_esft_changes_only_the_experts_it_lists_chosen_as_float64_math_chooses(base, demo_data, tmp_path):
     from moe_engine.finetune.data import load_task
 
