@@ -81,6 +81,10 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no pipeline stage {name!r}; stages: {', '.join(s.name for s in PIPELINE)}")
 
 
+# params.yaml sections of commands that are not pipeline stages: section -> "module:Class" of its typed config
+COMMAND_SECTIONS = {"generate": "moe_engine.inference.config:GenerateConfig"}
+
+
 def sections() -> list[str]:
-    """The params.yaml sections a params file may hold."""
-    return sorted({s.section for s in PIPELINE if s.section})
+    """The params.yaml sections a params file may hold: the stages' and ``COMMAND_SECTIONS``."""
+    return sorted({s.section for s in PIPELINE if s.section} | set(COMMAND_SECTIONS))

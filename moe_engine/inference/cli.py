@@ -31,8 +31,10 @@ def _config(args):
     from moe_engine.config import load_section
     from moe_engine.errors import ConfigError
     from moe_engine.inference.config import GenerateConfig
+    from moe_engine.stages import sections
 
-    cfg = load_section(GenerateConfig, args.params, "generate", args.set) if args.params else GenerateConfig().override(args.set or [])
+    cfg = (load_section(GenerateConfig, args.params, "generate", args.set, known_sections=sections()) if args.params
+           else GenerateConfig().override(args.set or []))
     changes = {key: getattr(args, dest) for dest, key in _FLAGS.items() if getattr(args, dest) is not None}
     if "stop_at_eos" in changes:
         changes["stop_at_eos"] = not changes["stop_at_eos"]

@@ -37,6 +37,22 @@ def test_generate_batch_sampling_and_offload(tiny_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["token_ids"] == result["token_ids"]
 
 
+def test_the_projects_params_yaml_drives_generate(tiny_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from moe_engine.config import read_params
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "the quick", "--params", str(params),
+                 "--set", "max_new_tokens=3", "--json", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert settings == {**settings, **read_params(params)["generate"], "max_new_tokens": 3, "offload": settings["offload"]}
+    typo = tmp_path / "params.yaml"
+    typo.write_text("generat: {max_new_tokens: 3}\ngenerate: {}\n")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--params", str(typo)]) == 2
+    assert "unknown section(s) generat" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--top-p", "0"], "top_p"),
     (["--offload-policy", "stats"], "needs --offload"),
