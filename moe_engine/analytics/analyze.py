@@ -111,6 +111,7 @@ def analyze(
     names = _checkpoint_names(paths)
     recorders = [record(load(p), dataset, cfg.batch_size, cfg.device) for p in paths]
     out = Path(out_dir)
+    plots.keep_cache_in(out.resolve().parent / ".cache" / "matplotlib")
     with atomic_output(out) as tmp:  # the previous analysis stays until this one is complete
         result = _write_outputs(recorders, names, dataset, cfg, tok, tmp)
     result.out_dir, result.report = out, out / result.report.name

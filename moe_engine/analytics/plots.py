@@ -8,10 +8,23 @@ as a multiple of the fair share; expert and layer axes carry integer ticks only.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+
+def keep_cache_in(folder: str | Path) -> None:
+    """matplotlib writes its font cache to ``$MPLCONFIGDIR``, by default under ``$HOME``. Unless the
+    user chose a folder (or matplotlib is already imported), point it at ``folder`` (the output's
+    ``.cache/matplotlib``), so that plotting writes nowhere but beside the outputs."""
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["MPLCONFIGDIR"] = str(folder)
 
 
 def _figure(panels: int, width: float, height: float, max_cols: int = 4):

@@ -138,3 +138,23 @@ def test_a_shards_directory_gives_its_held_out_sequences_per_domain(demo_data):
     held_out = set(manifest["splits"]["val"]["domains"]) | set(manifest["splits"]["ood"]["domains"])
     assert set(dataset) == held_out and all(ids.shape[1] == manifest["seq_len"] for ids in dataset.values())
     assert all(ids.numel() <= 128 for ids in dataset.values())
+
+
+def test_analyze_writes_nothing_under_home(tmp_path):
+    """matplotlib's font cache goes beside the outputs, not to $HOME, when no MPLCONFIGDIR is set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    me.build_model("olmoe", preset="tiny", seed=0, vocab_size=512).save_pretrained(tmp_path / "ckpt")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPL", "XDG_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = tmp_path / "outputs" / "analyze"
+    subprocess.run([sys.executable, "-m", "moe_engine.cli", "analyze", str(tmp_path / "ckpt"), "--data", str(_tiny_ids(tmp_path)),
+                    "--out", str(out), "--seq-len", "16"], check=True, env=env, capture_output=True, cwd=tmp_path)
+    assert (out / "load_heatmap.png").exists()
+    assert [p for p in home.rglob("*")] == []
+    assert any((tmp_path / "outputs" / ".cache" / "matplotlib").iterdir())
