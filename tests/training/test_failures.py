@@ -182,3 +182,31 @@ def test_an_interrupted_run_keeps_the_outputs_binds_loopback_only_and_counts_acr
     b = json.loads((resumed / "tokens_per_expert.json").read_text())
     assert a == b and all(sum(c) > 0 for c in a.values())  # counted from step 1, over two resumes
     assert [r["loss"] for r in read_history(straight / "history.csv")] == [r["loss"] for r in read_history(resumed / "history.csv")]
+
+
+def test_resumed_runs_carry_their_snapshots_on(demo_data, tmp_path, monkeypatch):
+    from moe_engine.training.callbacks.history import History
+
+    steps = lambda folder: sorted(p.name for p in folder.glob("step_*"))  # noqa: E731
+    assert _pretrain(demo_data, tmp_path, "steps=4", "save_every=2", "snapshot_every=2") == 0
+    weights = tmp_path / "snapshots" / "step_00000002" / "model.safetensors"
+    inode = weights.stat().st_ino
+    # a longer run on top of the finished one: its snapshots are linked in, not copied, then published whole
+    post = History.post_step
+
+    def fail_at_step_7(self, loop):
+        post(self, loop)
+        if loop.step == 7:
+            raise RuntimeError("the node went away")
+
+    monkeypatch.setattr(History, "post_step", fail_at_step_7)
+    with pytest.raises(RuntimeError):
+        _pretrain(demo_data, tmp_path, "steps=8", "save_every=2", "snapshot_every=2")
+    assert steps(tmp_path / "snapshots") == ["step_00000002", "step_00000004"]
+    assert steps(tmp_path / "snapshots.partial") == ["step_00000002", "step_00000004", "step_00000006"]
+    assert (tmp_path / "snapshots.partial" / "step_00000002" / "model.safetensors").stat().st_ino == inode
+    monkeypatch.setattr(History, "post_step", post)
+    assert _pretrain(demo_data, tmp_path, "steps=8", "save_every=2", "snapshot_every=2") == 0  # resumes at step 6
+    assert steps(tmp_path / "snapshots") == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+    assert [r["step"] for r in read_history(tmp_path / "history.csv")] == list(range(1, 9))
+    assert not (tmp_path / "snapshots.partial").exists() and not (tmp_path / "history.partial.csv").exists()
