@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 # caches and state of the tools stay in the project, not under $HOME
 export MPLCONFIGDIR ?= $(abspath .cache/matplotlib)
 
-.PHONY: help setup demo test test-fast clean browser coverage
+.PHONY: help setup demo test test-fast clean browser coverage restore
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ coverage: test  ## the test suite, then the HTML coverage report in outputs/cove
 
 test-fast: setup browser  ## skip the slow tests
 	$(BIN)/python -m pytest -q -m "not slow"
+
+restore: setup  ## after a failed `dvc repro`: put back every stage's last good outputs (dvc.lock) that DVC removed, from its cache
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tasks.dvc_stage restore $(STAGES)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs mlruns .pytest_cache

@@ -40,8 +40,8 @@ def _result_task(stage: Stage):
         try:
             result = run_stage(root, stage.name, tracking, artifacts=stage.artifacts)
         except StageFailed as exc:
-            if exc.exit_code != 1 or not report.exists():  # DVC deleted the old report before the run
-                raise
+            if exc.exit_code != 1 or not report.exists() or report_json in exc.restored:
+                raise  # no verdict of this run: it failed before writing one (a report there is the last good run's)
             result = StageResult(stage.name, ran=True, exit_code=1)
             if tracking is not None:
                 from moe_engine.tracking.lineage import stage_run

@@ -10,7 +10,7 @@ from pipeline_tools import BIN, COVERAGE_HOOK, REPO, run
 from prefect.states import Failed
 
 from flows.pipeline import as_overrides
-from tasks.dvc_stage import StageFailed, StageInputError, reproduce, transient
+from tasks.dvc_stage import RestoreError, StageFailed, StageInputError, main, reproduce, restore_outputs, transient
 from tasks.params import apply_params, check_overrides
 
 DVC_YAML = """\
@@ -25,6 +25,21 @@ stages:
     cmd: exit 3
   killed:
     cmd: kill -TERM $$
+  trained:  # a stage like pretrain: a cached folder, uncached metrics and plot data; fails when n is 7
+    cmd: >-
+      grep -q 'n: 7' params.yaml && exit 3 || { mkdir -p model && grep -o 'n: [0-9]*' params.yaml > model/w.txt &&
+      echo '{"loss": 1.5}' > metrics.json && printf 'step,loss\\n1,1.5\\n' > history.csv; }
+    params: [make]
+    outs: [model]
+    metrics: [{metrics.json: {cache: false}}]
+    plots: [{history.csv: {cache: false}}]
+  gate:  # the gate's shape: its report is its verdict; crashes before writing one when n is 7
+    cmd: >-
+      grep -q 'n: 7' params.yaml && exit 1 || { mkdir -p outputs/gate && echo '{"passed": true}' > outputs/gate/report.json
+      && echo pass > outputs/gate/report.md; }
+    params: [make]
+    outs: [outputs/gate/report.md]
+    metrics: [{outputs/gate/report.json: {cache: false}}]
 """
 
 
@@ -60,6 +75,54 @@ def test_stage_failures_are_classified_for_retries(dvc_repo):
     assert not transient(None, None, Failed(data=bad.value))  # exit 2: the inputs are wrong, a retry cannot help
     assert not transient(None, None, Failed(data=crash.value))  # a bug fails the same way again
     assert transient(None, None, Failed(data=killed.value))  # a stage killed by a signal may pass next time
+
+
+def test_a_failed_stage_gets_its_last_good_outputs_back(dvc_repo, capsys):
+    from dvc.utils.hydra import apply_overrides
+
+    outputs = ["model/w.txt", "metrics.json", "history.csv"]
+    assert reproduce(dvc_repo, "trained")[0]
+    good = {name: (dvc_repo / name).read_bytes() for name in outputs}
+    lock = (dvc_repo / "dvc.lock").read_bytes()
+    apply_overrides(dvc_repo / "params.yaml", ["make.n=7"])
+    with pytest.raises(StageFailed, match="last good outputs .* back in place: history.csv, metrics.json, model") as failed:
+        reproduce(dvc_repo, "trained")  # DVC removed all three before the command failed
+    assert failed.value.restored == ("history.csv", "metrics.json", "model")
+    assert {name: (dvc_repo / name).read_bytes() for name in outputs} == good and (dvc_repo / "dvc.lock").read_bytes() == lock
+    assert not list(dvc_repo.glob(".*.restoring"))
+
+    run([str(BIN / "dvc"), "repro", "trained"], dvc_repo, {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(dvc_repo)}, check=False)
+    assert not (dvc_repo / "model").exists() and not (dvc_repo / "metrics.json").exists()  # a plain dvc repro
+    assert main(["restore", "--root", str(dvc_repo)]) == 0  # every stage of dvc.lock
+    assert {name: (dvc_repo / name).read_bytes() for name in outputs} == good
+    assert "trained: restored history.csv, metrics.json, model" in capsys.readouterr().out
+    (dvc_repo / "metrics.json").write_text("mine")  # present outputs are never overwritten
+    assert restore_outputs(dvc_repo, "trained") == [] and (dvc_repo / "metrics.json").read_text() == "mine"
+
+    (dvc_repo / "model" / "w.txt").unlink()
+    (dvc_repo / "model").rmdir()
+    for obj in (dvc_repo / ".dvc" / "cache").rglob("*"):  # as after a `dvc gc` that dropped the model's file
+        if obj.is_file() and obj.read_bytes() == good["model/w.txt"]:
+            obj.chmod(0o644)
+            obj.unlink()
+    with pytest.raises(RestoreError, match="model not in DVC's cache .*: `dvc repro trained` makes them again"):
+        restore_outputs(dvc_repo, "trained")
+    assert not (dvc_repo / "model").exists() and not list(dvc_repo.glob(".*.restoring"))
+    assert main(["restore", "--root", str(dvc_repo), "make"]) == 2  # never completed
+    assert "make not in" in capsys.readouterr().err
+
+
+def test_a_gate_that_crashes_is_not_given_the_last_runs_verdict(dvc_repo):
+    from dvc.utils.hydra import apply_overrides
+
+    from tasks.stages import gate
+
+    assert reproduce(dvc_repo, "gate")[0]  # a passing verdict, recorded in dvc.lock
+    apply_overrides(dvc_repo / "params.yaml", ["make.n=7"])
+    with pytest.raises(StageFailed) as crashed:  # exit 1 like a regression, but the report there is the old one
+        gate.fn(str(dvc_repo))
+    assert crashed.value.exit_code == 1 and "outputs/gate/report.json" in crashed.value.restored
+    assert (dvc_repo / "outputs/gate/report.json").read_text() == '{"passed": true}\n'  # kept, as the last good run's
 
 
 @pytest.mark.parametrize("item, message", [
@@ -111,6 +174,7 @@ def test_prefect_yaml_deployments():
     [sys.executable, "flows/pipeline.py", "--help"],
     [sys.executable, "flows/gate.py", "--help"],
     [str(BIN / "moe-lab"), "lineage", "--help"],
+    [sys.executable, "-m", "tasks.dvc_stage", "restore", "--help"],
     ["mlflow/services.sh", "--help"],
 ])
 def test_help(command):
