@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_engine.moe import dispatch  # noqa: E402
+from moe_engine.moe import cutlass_gemm, dispatch  # noqa: E402
 from moe_engine.moe.graphs import MoEGraphs  # noqa: E402
 from moe_engine.moe import router_kernels  # noqa: E402
 from moe_engine.moe import swiglu as swiglu_mod  # noqa: E402
@@ -200,8 +200,12 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     variants["engine (int64 sort keys)"] = lambda: engine  # the dispatch sort before its narrow keys
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
+    if cutlass_gemm.loaded():  # --cutlass: the expert GEMMs on the per-shape tuned CUTLASS kernels
+        variants["engine (CUTLASS tuned)"] = lambda: engine
     if device.type == "cuda":  # the training step replayed from CUDA graphs, the dense baseline likewise
         variants["engine (CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
+        if cutlass_gemm.loaded():
+            variants["engine (CUTLASS tuned, CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
         variants["dense (fused SwiGLU, CUDA graph)"] = lambda: torch.cuda.make_graphed_callables(
             DenseSwiGLU(D, K * F_, fused=True).to(device, dtype),
             (torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True),))
@@ -220,6 +224,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     for vname, make in variants.items():
         row = {}
         swiglu_mod.FUSED["enabled"] = "eager SwiGLU" not in vname
+        cutlass_gemm.SWITCH["enabled"] = "CUTLASS" in vname
         router_kernels.FUSED["enabled"] = "PyTorch router" not in vname
         if "int64 sort keys" in vname:
             dispatch.sort_key_dtype = lambda num_ids: torch.int64
@@ -261,6 +266,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
             if engine.graphs is not None:
                 engine.graphs.release()
             swiglu_mod.FUSED["enabled"] = True
+            cutlass_gemm.SWITCH["enabled"] = True
             router_kernels.FUSED["enabled"] = True
             dispatch.sort_key_dtype = narrow_keys
             if device.type == "cuda":
@@ -302,7 +308,12 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", help="subset of shape names")
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--variants", nargs="*", help="only these variants, by name (the dense ones always run)")
+    ap.add_argument("--cutlass", type=Path, help="a CUTLASS checkout: adds the engine on the tuned CUTLASS kernels")
+    ap.add_argument("--cutlass-build", type=Path, default=Path(".cache/moe-lab-kernels"),
+                    help="where the CUTLASS kernels are built and kept (default .cache/moe-lab-kernels)")
     args = ap.parse_args(argv)
+    if args.cutlass:
+        cutlass_gemm.enable(args.cutlass, args.cutlass_build)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -317,7 +328,7 @@ def main(argv=None):
         except Exception as exc:
             print(f"DeepSpeed unavailable: {exc}", file=sys.stderr)
             include_ds = False
-    report = {"env": environment(device), "dtype": str(dtype), "tokens": tokens,
+    report = {"env": environment(device), "dtype": str(dtype), "tokens": tokens, "cutlass_choices": {},
               "engine_router": f"top-k softmax with the balance loss (coef {AUX_LOSS_COEF}) in fwd+bwd", "shapes": {}}
     for name, dims in shapes.items():
         D, F_, E, K, norm = dims
@@ -326,6 +337,7 @@ def main(argv=None):
             "train": run_shape(name, dims, tokens, device, dtype, args.reps, include_ds, print, args.variants),
             "decode": run_shape(name, dims, args.decode_tokens, device, dtype, args.reps, include_ds, print, args.variants),
         }
+    report["cutlass_choices"] = cutlass_gemm.choices()
     print("\nshape           variant                        fwd+bwd ms  x dense   fwd ms   x dense   decode fwd ms")
     for name, r in report["shapes"].items():
         for v, row in r["train"].items():

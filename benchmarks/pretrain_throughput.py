@@ -16,8 +16,10 @@ bf16 gradients; the trainer does not offer it), ``dssync`` (DeepSpeed's throughp
 device syncs per micro-batch, the trainer's default before 2026-12-02), ``selfreduce`` (at ZeRO-0 on one
 GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change),
 ``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that),
-``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models) and
-``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too).
+``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models),
+``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too) and
+``cutlass`` (the expert GEMMs on the per-shape tuned CUTLASS kernels of ``moe/cutlass_gemm.py``, built from the
+CUTLASS checkout in ``$CUTLASS_DIR``; a no-op for dense models).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -75,7 +78,8 @@ def parse_run(name: str) -> dict:
         raise SystemExit(f"run {name!r}: model must be one of {sorted(MODELS)}")
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
             "fused_router": True, "fused_monitor": True, "f32acc": False,
-            "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False, "bf16moments": False}
+            "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False, "bf16moments": False,
+            "cutlass": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -89,12 +93,12 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments"):
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass"):
             spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass)")
     return spec
 
 
@@ -121,9 +125,15 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     narrow_keys = dispatch.sort_key_dtype
     if spec["int64sort"]:
         dispatch.sort_key_dtype = lambda num_ids: torch.int64
+    if spec["cutlass"]:
+        from moe_engine.moe import cutlass_gemm
+
+        cutlass_gemm.enable(os.environ["CUTLASS_DIR"], Path(".cache/moe-lab-kernels"))
     try:
         _run_one(args, spec, out_dir, index, Trainer, environment)
     finally:
+        if spec["cutlass"]:
+            cutlass_gemm.disable()
         router_kernels.FUSED.update(enabled=True, monitor=True)
         loop_mod.TrainLoop._ds_config, loop_mod.TrainLoop._reduces_gradients = ds_config, reduces
         dispatch.sort_key_dtype = narrow_keys
@@ -189,8 +199,8 @@ def run(args) -> int:
 
 
 BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort"}  # code as it was before a change
-AFTER_OPTIONS = {"graphs", "bf16moments"}  # opt-in features: compared with the same run without them
-MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs"}  # dense models have no router (nothing to graph): their pair is the run without it
+AFTER_OPTIONS = {"graphs", "bf16moments", "cutlass"}  # opt-in features: compared with the same run without them
+MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs", "cutlass"}  # dense models have no router (nothing to graph): their pair is the run without it
 
 
 def _options(run: str) -> str:

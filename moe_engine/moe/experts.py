@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_engine.moe import cutlass_gemm
 from moe_engine.moe.dispatch import DispatchPlan
 from moe_engine.moe.swiglu import swiglu
 
@@ -178,6 +179,8 @@ def grouped_linear(x_AD: torch.Tensor, w_EOI: torch.Tensor, p: DispatchPlan) -> 
     """y[a] = x[a] @ w[e(a)].T for rows sorted by expert; rows past the last group are left
     undefined on the GPU path (they belong to dropped assignments and are masked later)."""
     if _use_grouped_mm(x_AD, w_EOI):
+        if cutlass_gemm.usable(x_AD, w_EOI):  # cutlass_gemm.enable(...) was called: the per-shape tuned kernels
+            return cutlass_gemm.grouped_linear(x_AD, w_EOI, p.offsets_E)
         return F.grouped_mm(x_AD, w_EOI.transpose(-2, -1), offs=p.offsets_E)
     # Portable path: one GEMM per expert over its contiguous rows (one host sync for the sizes).
     sizes = p.counts_E.tolist()
