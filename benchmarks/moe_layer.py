@@ -125,6 +125,23 @@ def init_deepspeed_single_process():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def engine_train_step(shape: str, tokens: int):
+    """(the engine layer of ``shape`` in bf16 on the GPU, a fwd+bwd step on fixed input and output gradient)."""
+    D, F_, E, K, norm = SHAPES[shape]
+    torch.manual_seed(0)
+    layer = engine_layer(D, F_, E, K, norm).cuda().to(torch.bfloat16)
+    x = torch.randn(1, tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def step():
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        layer(x).backward(g)
+
+    return layer, step
+
+
 def graphed_engine(engine, tokens, D, device, dtype):
     """The engine layer with its training forward and backward captured (``moe/graphs.py``): one
     recorded eager step, then capture; the benchmark's fwd+bwd then replays both graphs."""

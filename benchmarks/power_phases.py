@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_layer import SHAPES, engine_layer, graphed_engine  # noqa: E402
+from benchmarks.moe_layer import SHAPES, engine_train_step, graphed_engine  # noqa: E402
 
 
 def main(argv=None):
@@ -26,17 +26,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args(argv)
-    D, F_, E, K, norm = SHAPES[args.shape]
-    torch.manual_seed(0)
-    eng = engine_layer(D, F_, E, K, norm).cuda().to(torch.bfloat16)
-    x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn_like(x)
-
-    def step():
-        for p in eng.parameters():
-            p.grad = None
-        x.grad = None
-        eng(x).backward(g)
+    D = SHAPES[args.shape][0]
+    eng, step = engine_train_step(args.shape, args.tokens)
 
     def phase(name):
         for _ in range(3):

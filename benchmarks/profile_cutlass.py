@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_layer import SHAPES, engine_layer  # noqa: E402
+from benchmarks.moe_layer import SHAPES, engine_train_step  # noqa: E402
 from moe_engine.moe import cutlass_gemm  # noqa: E402
 
 
@@ -27,18 +27,7 @@ def main(argv=None):
 
     cutlass_gemm.enable(args.cutlass, args.build_dir)
     for shape in args.shapes:
-        D, F_, E, K, norm = SHAPES[shape]
-        torch.manual_seed(0)
-        layer = engine_layer(D, F_, E, K, norm).cuda().to(torch.bfloat16)
-        x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn_like(x)
-
-        def step():
-            for p in layer.parameters():
-                p.grad = None
-            x.grad = None
-            layer(x).backward(g)
-
+        _, step = engine_train_step(shape, args.tokens)
         for use in (False, True, False, True):
             cutlass_gemm.SWITCH["enabled"] = use
             for _ in range(5):
