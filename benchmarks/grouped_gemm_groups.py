@@ -1,0 +1,128 @@
+"""Where does the expert grouped GEMM lose to the dense GEMM of the same FLOPs: the groups or the kernel?
+
+``grouped_gemm_tiles.py`` found ``F.grouped_mm`` 1.04-1.54x slower than one dense GEMM of the same FLOPs on
+the six GEMMs of a fwd+bwd (switch-like worst: 32 groups of ~512 rows). This benchmark separates the causes,
+for each shape of ``moe_layer.py`` and each of the six GEMMs, all in one process on one GPU:
+  - ``dense``: one ``torch.mm`` of the dense-active MLP (the ceiling the issue compares against);
+  - ``one group``: ``F.grouped_mm`` over a single group holding every row, against ``torch.mm`` of that exact
+    problem (``mm same problem``): the grouped kernel against cuBLAS, with no grouping at all;
+  - ``equal groups``: every expert gets exactly tokens*k/E rows (a multiple of 128 on every shape here):
+    what grouping costs without partial tiles;
+  - ``routed``: the groups of a random top-k routing (what the layer sees), and the same sizes rounded up
+    to 128 rows per group (``rows padded``: the share of a 128-row tile schedule's rows that are padding).
+Variants are timed round-robin, several rounds of ~100 ms each, and the median taken: at the card's power
+cap a single short run lands in whatever power state the variant before left (NOTES.md, eighth session).
+
+    python benchmarks/grouped_gemm_groups.py --out results.json
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.moe_layer import SHAPES, environment  # noqa: E402
+from moe_engine.moe import dispatch  # noqa: E402
+
+
+def bench(fn, rep_ms: float) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+
+def offsets_for(sizes_E: list[int], dev) -> torch.Tensor:
+    return torch.tensor(sizes_E, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
+
+
+def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
+    D, Fe, E, K, _ = dims
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    H, A = 2 * Fe, tokens * K
+    w_in = torch.randn(E, H, D, device=dev, dtype=dt, generator=g) * 0.02  # [E, O, I] as the engine holds them
+    w_out = torch.randn(E, D, Fe, device=dev, dtype=dt, generator=g) * 0.02
+    expert_TK = torch.randn(tokens, E, device=dev, generator=g).topk(K, dim=-1).indices
+    routed = dispatch.plan(expert_TK.reshape(-1), E, may_drop=False).offsets_E.to(torch.int32).contiguous()
+    sizes = torch.diff(routed.long(), prepend=routed.new_zeros(1).long()).tolist()
+    if A % E:
+        raise SystemExit(f"{name}: tokens*k = {A} is not a multiple of E = {E}")
+    groups = {"routed": routed, "equal groups": offsets_for([A // E] * E, dev)}
+    padded = sum(-(-n // 128) * 128 for n in sizes)
+    x_AD, g_AD = (torch.randn(A, D, device=dev, dtype=dt, generator=g) for _ in range(2))
+    h_AH = torch.randn(A, H, device=dev, dtype=dt, generator=g)
+    h_AF = torch.randn(A, Fe, device=dev, dtype=dt, generator=g)
+    one = torch.tensor([A], device=dev, dtype=torch.int32)
+    w1_in, w1_out = w_in[:1].contiguous(), w_out[:1].contiguous()
+    r = lambda *s: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
+    # label: (dense-active GEMM, grouped call for offsets o, one-group call, torch.mm of the one-group problem)
+    cases = {
+        "fwd_in": ((r(tokens, D), r(D, K * H)), lambda o: F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=o),
+                   lambda: F.grouped_mm(x_AD, w1_in.transpose(-2, -1), offs=one), (x_AD, w1_in[0].t())),
+        "fwd_out": ((r(tokens, K * Fe), r(K * Fe, D)), lambda o: F.grouped_mm(h_AF, w_out.transpose(-2, -1), offs=o),
+                    lambda: F.grouped_mm(h_AF, w1_out.transpose(-2, -1), offs=one), (h_AF, w1_out[0].t())),
+        "dgrad_out": ((r(tokens, D), r(D, K * Fe)), lambda o: F.grouped_mm(g_AD, w_out, offs=o),
+                      lambda: F.grouped_mm(g_AD, w1_out, offs=one), (g_AD, w1_out[0])),
+        "dgrad_in": ((r(tokens, K * H), r(K * H, D)), lambda o: F.grouped_mm(h_AH, w_in, offs=o),
+                     lambda: F.grouped_mm(h_AH, w1_in, offs=one), (h_AH, w1_in[0])),
+        "wgrad_in": ((r(tokens, K * H).t(), r(tokens, D)), lambda o: F.grouped_mm(h_AH.t(), x_AD, offs=o),
+                     lambda: F.grouped_mm(h_AH.t(), x_AD, offs=one), (h_AH.t(), x_AD)),
+        "wgrad_out": ((r(tokens, D).t(), r(tokens, K * Fe)), lambda o: F.grouped_mm(g_AD.t(), h_AF, offs=o),
+                      lambda: F.grouped_mm(g_AD.t(), h_AF, offs=one), (g_AD.t(), h_AF)),
+    }
+    res = {"dims": {"D": D, "F": Fe, "E": E, "K": K, "tokens": tokens},
+           "routed_rows_per_expert": {"min": min(sizes), "max": max(sizes), "mean": A / E},
+           "rows_padded_to_128": (padded - A) / padded, "gemms": {}}
+    log(f"{name}: D {D} F {Fe} E {E} k {K}; routed rows/expert {min(sizes)}-{max(sizes)}, "
+        f"{100 * (padded - A) / padded:.1f}% of a 128-row schedule is padding")
+    for label, (dense_ab, grouped, one_group, mm_ab) in cases.items():
+        ref = one_group()
+        if label.startswith("wgrad"):
+            ref = ref[0]
+        err = float((ref.float() - torch.mm(*mm_ab).float()).abs().max())
+        variants = {"dense": lambda: torch.mm(*dense_ab), "mm same problem": lambda: torch.mm(*mm_ab),
+                    "one group": one_group}
+        variants.update({k: (lambda o=o: grouped(o)) for k, o in groups.items()})
+        times = {k: [] for k in variants}
+        for _ in range(rounds):  # round-robin: every variant sees every power state
+            for k, fn in variants.items():
+                times[k].append(bench(fn, rep_ms))
+        row = {k: statistics.median(v) for k, v in times.items()}
+        row["spread"] = {k: [min(v), max(v)] for k, v in times.items()}
+        row["one_group_vs_mm_max_abs_diff"] = err
+        res["gemms"][label] = row
+        log(f"  {label:9s} " + "  ".join(f"{k} {row[k]:.3f}" for k in variants)
+            + f"  (one group vs mm: max |diff| {err:.2e})")
+    tot = {k: sum(res["gemms"][g][k] for g in cases) for k in ("dense", "mm same problem", "one group",
+                                                                 "equal groups", "routed")}
+    res["totals_ms"] = tot
+    log("  six GEMMs: " + ", ".join(f"{k} {v:.3f}" for k, v in tot.items()))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the variants (median kept)")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per variant and round")
+    ap.add_argument("--out", type=Path, help="write the JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/grouped_gemm_groups.py needs a CUDA GPU (F.grouped_mm runs on sm90+)")
+    report = {"env": environment(torch.device("cuda")), "tokens": args.tokens, "rounds": args.rounds,
+              "rep_ms": args.rep_ms, "note": __doc__.split("\n\n")[0], "shapes": {}}
+    for name in args.shapes:
+        report["shapes"][name] = run_shape(name, SHAPES[name], args.tokens, args.rounds, args.rep_ms, print)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
