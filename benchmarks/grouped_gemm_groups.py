@@ -9,7 +9,10 @@ for each shape of ``moe_layer.py`` and each of the six GEMMs, all in one process
   - ``equal groups``: every expert gets exactly tokens*k/E rows (a multiple of 128 on every shape here):
     what grouping costs without partial tiles;
   - ``routed``: the groups of a random top-k routing (what the layer sees), and the same sizes rounded up
-    to 128 rows per group (``rows padded``: the share of a 128-row tile schedule's rows that are padding).
+    to 128 rows per group (``rows padded``: the share of a 128-row tile schedule's rows that are padding);
+  - ``per-expert mm``: the routed groups as one ``torch.mm`` (cuBLAS) per expert on sizes the host knows
+    (Megatron-Core's GroupedMLP reads the counts to the host once per layer); ``+ sync`` also reads the
+    offsets from the device in every call, the worst case of that host sync.
 Variants are timed round-robin, several rounds of ~100 ms each, and the median taken: at the card's power
 cap a single short run lands in whatever power state the variant before left (NOTES.md, eighth session).
 
@@ -53,6 +56,7 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
     if A % E:
         raise SystemExit(f"{name}: tokens*k = {A} is not a multiple of E = {E}")
     groups = {"routed": routed, "equal groups": offsets_for([A // E] * E, dev)}
+    bounds = list(zip([0] + routed.tolist()[:-1], routed.tolist()))
     padded = sum(-(-n // 128) * 128 for n in sizes)
     x_AD, g_AD = (torch.randn(A, D, device=dev, dtype=dt, generator=g) for _ in range(2))
     h_AH = torch.randn(A, H, device=dev, dtype=dt, generator=g)
@@ -60,6 +64,21 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
     one = torch.tensor([A], device=dev, dtype=torch.int32)
     w1_in, w1_out = w_in[:1].contiguous(), w_out[:1].contiguous()
     r = lambda *s: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
+
+    def per_expert(case, b_of):  # one cuBLAS mm per expert over its rows, sizes from the host
+        def run(sync=False):
+            bnds = list(zip([0] + routed.tolist()[:-1], routed.tolist())) if sync else bounds
+            if case == "wgrad":
+                return [torch.mm(b_of[0][:, i:j], b_of[1][i:j]) for i, j in bnds]
+            return [torch.mm(b_of[0][i:j], b_of[1](e)) for e, (i, j) in enumerate(bnds)]
+        return run
+
+    per = {"fwd_in": per_expert("fwd", (x_AD, lambda e: w_in[e].t())),
+           "fwd_out": per_expert("fwd", (h_AF, lambda e: w_out[e].t())),
+           "dgrad_out": per_expert("fwd", (g_AD, lambda e: w_out[e])),
+           "dgrad_in": per_expert("fwd", (h_AH, lambda e: w_in[e])),
+           "wgrad_in": per_expert("wgrad", (h_AH.t(), x_AD)),
+           "wgrad_out": per_expert("wgrad", (g_AD.t(), h_AF))}
     # label: (dense-active GEMM, grouped call for offsets o, one-group call, torch.mm of the one-group problem)
     cases = {
         "fwd_in": ((r(tokens, D), r(D, K * H)), lambda o: F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=o),
@@ -88,6 +107,11 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
         variants = {"dense": lambda: torch.mm(*dense_ab), "mm same problem": lambda: torch.mm(*mm_ab),
                     "one group": one_group}
         variants.update({k: (lambda o=o: grouped(o)) for k, o in groups.items()})
+        variants["per-expert mm"] = per[label]
+        variants["per-expert mm + sync"] = lambda f=per[label]: f(sync=True)
+        got, want = per[label](), grouped(routed)
+        per_err = max(float((torch.cat(got) if not label.startswith("wgrad") else torch.stack(got)).float()
+                            .sub(want.float()).abs().max()), 0.0)
         times = {k: [] for k in variants}
         for _ in range(rounds):  # round-robin: every variant sees every power state
             for k, fn in variants.items():
@@ -95,11 +119,13 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
         row = {k: statistics.median(v) for k, v in times.items()}
         row["spread"] = {k: [min(v), max(v)] for k, v in times.items()}
         row["one_group_vs_mm_max_abs_diff"] = err
+        row["per_expert_vs_grouped_max_abs_diff"] = per_err
         res["gemms"][label] = row
         log(f"  {label:9s} " + "  ".join(f"{k} {row[k]:.3f}" for k in variants)
-            + f"  (one group vs mm: max |diff| {err:.2e})")
+            + f"  (one group vs mm: max |diff| {err:.2e}; per-expert vs grouped {per_err:.2e})")
     tot = {k: sum(res["gemms"][g][k] for g in cases) for k in ("dense", "mm same problem", "one group",
-                                                                 "equal groups", "routed")}
+                                                                 "equal groups", "routed", "per-expert mm",
+                                                                 "per-expert mm + sync")}
     res["totals_ms"] = tot
     log("  six GEMMs: " + ", ".join(f"{k} {v:.3f}" for k, v in tot.items()))
     return res
