@@ -92,20 +92,13 @@ __global__ void prepare(const Element* a, const Element* b, Element* d, const in
   if (e >= E) return;
   int64_t start = e == 0 ? 0 : offs_E[e - 1];
   int rows = offs_E[e] - static_cast<int>(start);
-  if constexpr (kCase == kFwd) {  // A row-major [rows, K]; B = w[e] [N, K] (K-major); D [rows, N]
-    shapes[e] = {rows, N, K};
+  if constexpr (kCase != kWgrad) {  // A row-major [rows, K]; D [rows, N]; B = w[e], [N, K] K-major (forward)
+    shapes[e] = {rows, N, K};          // or [K, N] N-major (input gradient): same offset, other stride
     pa[e] = a + start * K;
     pb[e] = b + static_cast<int64_t>(e) * N * K;
     pd[e] = d + start * N;
     sa[e] = packed<typename G::StrideA>(K);
-    sb[e] = packed<typename G::StrideB>(K);
-  } else if constexpr (kCase == kDgrad) {  // A row-major [rows, K]; B = w[e] [K, N] (N-major); D [rows, N]
-    shapes[e] = {rows, N, K};
-    pa[e] = a + start * K;
-    pb[e] = b + static_cast<int64_t>(e) * K * N;
-    pd[e] = d + start * N;
-    sa[e] = packed<typename G::StrideA>(K);
-    sb[e] = packed<typename G::StrideB>(N);
+    sb[e] = packed<typename G::StrideB>(kCase == kFwd ? K : N);
   } else {  // A = h^T: h [rows, M] row-major is [M, rows] column-major; B = x [rows, N] (N-major); D = dw[e] [M, N]
     shapes[e] = {M, N, rows};
     pa[e] = a + start * M;
