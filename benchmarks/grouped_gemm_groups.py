@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.grouped_gemm_tiles import operands  # noqa: E402
 from benchmarks.moe_layer import SHAPES, environment  # noqa: E402
-from moe_engine.moe import dispatch  # noqa: E402
 
 
 def bench(fn, rep_ms: float) -> float:
@@ -43,31 +43,30 @@ def offsets_for(sizes_E: list[int], dev) -> torch.Tensor:
     return torch.tensor(sizes_E, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
+def bounds_of(offs_E: torch.Tensor) -> list[tuple[int, int]]:
+    """Each expert's [start, end) rows, read to the host."""
+    ends = offs_E.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
 def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
     D, Fe, E, K, _ = dims
-    dev, dt = "cuda", torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    H, A = 2 * Fe, tokens * K
-    w_in = torch.randn(E, H, D, device=dev, dtype=dt, generator=g) * 0.02  # [E, O, I] as the engine holds them
-    w_out = torch.randn(E, D, Fe, device=dev, dtype=dt, generator=g) * 0.02
-    expert_TK = torch.randn(tokens, E, device=dev, generator=g).topk(K, dim=-1).indices
-    routed = dispatch.plan(expert_TK.reshape(-1), E, may_drop=False).offsets_E.to(torch.int32).contiguous()
-    sizes = torch.diff(routed.long(), prepend=routed.new_zeros(1).long()).tolist()
+    dev = "cuda"
+    A = tokens * K
     if A % E:
         raise SystemExit(f"{name}: tokens*k = {A} is not a multiple of E = {E}")
+    ops = operands(dims, tokens)
+    w_in, w_out, routed, x_AD, h_AH, h_AF, g_AD = ops.w_in, ops.w_out, ops.offs, ops.x_AD, ops.h_AH, ops.h_AF, ops.g_AD
     groups = {"routed": routed, "equal groups": offsets_for([A // E] * E, dev)}
-    bounds = list(zip([0] + routed.tolist()[:-1], routed.tolist()))
+    bounds = bounds_of(routed)
+    sizes = [j - i for i, j in bounds]
     padded = sum(-(-n // 128) * 128 for n in sizes)
-    x_AD, g_AD = (torch.randn(A, D, device=dev, dtype=dt, generator=g) for _ in range(2))
-    h_AH = torch.randn(A, H, device=dev, dtype=dt, generator=g)
-    h_AF = torch.randn(A, Fe, device=dev, dtype=dt, generator=g)
     one = torch.tensor([A], device=dev, dtype=torch.int32)
     w1_in, w1_out = w_in[:1].contiguous(), w_out[:1].contiguous()
-    r = lambda *s: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
 
     def per_expert(case, b_of):  # one cuBLAS mm per expert over its rows, sizes from the host
         def run(sync=False):
-            bnds = list(zip([0] + routed.tolist()[:-1], routed.tolist())) if sync else bounds
+            bnds = bounds_of(routed) if sync else bounds
             if case == "wgrad":
                 return [torch.mm(b_of[0][:, i:j], b_of[1][i:j]) for i, j in bnds]
             return [torch.mm(b_of[0][i:j], b_of[1](e)) for e, (i, j) in enumerate(bnds)]
@@ -79,27 +78,22 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
            "dgrad_in": per_expert("fwd", (h_AH, lambda e: w_in[e])),
            "wgrad_in": per_expert("wgrad", (h_AH.t(), x_AD)),
            "wgrad_out": per_expert("wgrad", (g_AD.t(), h_AF))}
-    # label: (dense-active GEMM, grouped call for offsets o, one-group call, torch.mm of the one-group problem)
+    # label: (one-group call, torch.mm of the one-group problem)
     cases = {
-        "fwd_in": ((r(tokens, D), r(D, K * H)), lambda o: F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=o),
-                   lambda: F.grouped_mm(x_AD, w1_in.transpose(-2, -1), offs=one), (x_AD, w1_in[0].t())),
-        "fwd_out": ((r(tokens, K * Fe), r(K * Fe, D)), lambda o: F.grouped_mm(h_AF, w_out.transpose(-2, -1), offs=o),
-                    lambda: F.grouped_mm(h_AF, w1_out.transpose(-2, -1), offs=one), (h_AF, w1_out[0].t())),
-        "dgrad_out": ((r(tokens, D), r(D, K * Fe)), lambda o: F.grouped_mm(g_AD, w_out, offs=o),
-                      lambda: F.grouped_mm(g_AD, w1_out, offs=one), (g_AD, w1_out[0])),
-        "dgrad_in": ((r(tokens, K * H), r(K * H, D)), lambda o: F.grouped_mm(h_AH, w_in, offs=o),
-                     lambda: F.grouped_mm(h_AH, w1_in, offs=one), (h_AH, w1_in[0])),
-        "wgrad_in": ((r(tokens, K * H).t(), r(tokens, D)), lambda o: F.grouped_mm(h_AH.t(), x_AD, offs=o),
-                     lambda: F.grouped_mm(h_AH.t(), x_AD, offs=one), (h_AH.t(), x_AD)),
-        "wgrad_out": ((r(tokens, D).t(), r(tokens, K * Fe)), lambda o: F.grouped_mm(g_AD.t(), h_AF, offs=o),
-                      lambda: F.grouped_mm(g_AD.t(), h_AF, offs=one), (g_AD.t(), h_AF)),
+        "fwd_in": (lambda: F.grouped_mm(x_AD, w1_in.transpose(-2, -1), offs=one), (x_AD, w1_in[0].t())),
+        "fwd_out": (lambda: F.grouped_mm(h_AF, w1_out.transpose(-2, -1), offs=one), (h_AF, w1_out[0].t())),
+        "dgrad_out": (lambda: F.grouped_mm(g_AD, w1_out, offs=one), (g_AD, w1_out[0])),
+        "dgrad_in": (lambda: F.grouped_mm(h_AH, w1_in, offs=one), (h_AH, w1_in[0])),
+        "wgrad_in": (lambda: F.grouped_mm(h_AH.t(), x_AD, offs=one), (h_AH.t(), x_AD)),
+        "wgrad_out": (lambda: F.grouped_mm(g_AD.t(), h_AF, offs=one), (g_AD.t(), h_AF)),
     }
     res = {"dims": {"D": D, "F": Fe, "E": E, "K": K, "tokens": tokens},
            "routed_rows_per_expert": {"min": min(sizes), "max": max(sizes), "mean": A / E},
            "rows_padded_to_128": (padded - A) / padded, "gemms": {}}
     log(f"{name}: D {D} F {Fe} E {E} k {K}; routed rows/expert {min(sizes)}-{max(sizes)}, "
         f"{100 * (padded - A) / padded:.1f}% of a 128-row schedule is padding")
-    for label, (dense_ab, grouped, one_group, mm_ab) in cases.items():
+    for label, (one_group, mm_ab) in cases.items():
+        dense_ab, grouped = ops.dense[label], ops.grouped[label]
         ref = one_group()
         if label.startswith("wgrad"):
             ref = ref[0]
@@ -110,8 +104,8 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
         variants["per-expert mm"] = per[label]
         variants["per-expert mm + sync"] = lambda f=per[label]: f(sync=True)
         got, want = per[label](), grouped(routed)
-        per_err = max(float((torch.cat(got) if not label.startswith("wgrad") else torch.stack(got)).float()
-                            .sub(want.float()).abs().max()), 0.0)
+        per_err = float((torch.stack(got) if label.startswith("wgrad") else torch.cat(got)).float()
+                        .sub(want.float()).abs().max())
         times = {k: [] for k in variants}
         for _ in range(rounds):  # round-robin: every variant sees every power state
             for k, fn in variants.items():

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,10 @@ def rel_err(out, ref) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def run_shape(name, dims, tokens, configs, log) -> dict:
+def operands(dims, tokens) -> SimpleNamespace:
+    """The expert GEMMs' operands of one shape on the GPU: weights as the engine holds them, the offsets of a
+    random top-k routing, random activations and gradients, the dense-active GEMM of the same FLOPs for each of
+    the six GEMMs (``dense``), and ``grouped[label](offs)``: ``F.grouped_mm`` exactly as the engine calls it."""
     D, Fe, E, K, _ = dims
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -61,15 +65,36 @@ def run_shape(name, dims, tokens, configs, log) -> dict:
         "wgrad_in": (torch.randn(tokens, Ka * H, device=dev, dtype=dt).t(), torch.randn(tokens, D, device=dev, dtype=dt)),
         "wgrad_out": (torch.randn(tokens, D, device=dev, dtype=dt).t(), torch.randn(tokens, Ka * Fe, device=dev, dtype=dt)),
     }
-    # label: (torch call, case, a, b, out shape, the case's two dims: N and K, or M and N for a weight gradient)
-    cases = {
-        "fwd_in": (lambda: F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=offs), FWD, x_AD, w_in, (A, H), H, D),
-        "fwd_out": (lambda: F.grouped_mm(h_AF, w_out.transpose(-2, -1), offs=offs), FWD, h_AF, w_out, (A, D), D, Fe),
-        "dgrad_out": (lambda: F.grouped_mm(g_AD, w_out, offs=offs), DGRAD, g_AD, w_out, (A, Fe), Fe, D),
-        "dgrad_in": (lambda: F.grouped_mm(h_AH, w_in, offs=offs), DGRAD, h_AH, w_in, (A, D), D, H),
-        "wgrad_in": (lambda: F.grouped_mm(h_AH.t(), x_AD, offs=offs), WGRAD, h_AH, x_AD, (E, H, D), H, D),
-        "wgrad_out": (lambda: F.grouped_mm(g_AD.t(), h_AF, offs=offs), WGRAD, g_AD, h_AF, (E, D, Fe), D, Fe),
+    grouped = {
+        "fwd_in": lambda o: F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=o),
+        "fwd_out": lambda o: F.grouped_mm(h_AF, w_out.transpose(-2, -1), offs=o),
+        "dgrad_out": lambda o: F.grouped_mm(g_AD, w_out, offs=o),
+        "dgrad_in": lambda o: F.grouped_mm(h_AH, w_in, offs=o),
+        "wgrad_in": lambda o: F.grouped_mm(h_AH.t(), x_AD, offs=o),
+        "wgrad_out": lambda o: F.grouped_mm(g_AD.t(), h_AF, offs=o),
     }
+    return SimpleNamespace(w_in=w_in, w_out=w_out, offs=offs, x_AD=x_AD, h_AH=h_AH, h_AF=h_AF, g_AD=g_AD,
+                           dense=dense, grouped=grouped)
+
+
+def run_shape(name, dims, tokens, configs, log) -> dict:
+    D, Fe, E, K, _ = dims
+    dev, dt = "cuda", torch.bfloat16
+    ops = operands(dims, tokens)
+    w_in, w_out, offs, dense, grouped = ops.w_in, ops.w_out, ops.offs, ops.dense, ops.grouped
+    x_AD, h_AH, h_AF, g_AD = ops.x_AD, ops.h_AH, ops.h_AF, ops.g_AD
+    A, H = tokens * K, 2 * Fe
+    # label: (case, a, b, out shape, the case's two dims: N and K, or M and N for a weight gradient), and in
+    # front of them the torch call on the routed offsets
+    cases = {
+        "fwd_in": (FWD, x_AD, w_in, (A, H), H, D),
+        "fwd_out": (FWD, h_AF, w_out, (A, D), D, Fe),
+        "dgrad_out": (DGRAD, g_AD, w_out, (A, Fe), Fe, D),
+        "dgrad_in": (DGRAD, h_AH, w_in, (A, D), D, H),
+        "wgrad_in": (WGRAD, h_AH, x_AD, (E, H, D), H, D),
+        "wgrad_out": (WGRAD, g_AD, h_AF, (E, D, Fe), D, Fe),
+    }
+    cases = {k: (lambda k=k: grouped[k](offs), *v) for k, v in cases.items()}
     res = {"dims": {"D": D, "F": Fe, "E": E, "K": K, "tokens": tokens}, "gemms": {}}
     log(f"{name}: D {D} F {Fe} E {E} k {K}")
     for label, (torch_fn, case, a, b, out_shape, d1, d2) in cases.items():

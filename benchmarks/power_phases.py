@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_layer import SHAPES, DenseSwiGLU, engine_train_step, graphed_engine  # noqa: E402
+from benchmarks.moe_layer import SHAPES, DenseSwiGLU, engine_train_step, environment, graphed_engine  # noqa: E402
 from moe_engine.moe import cutlass_gemm  # noqa: E402
 
 
@@ -154,8 +154,6 @@ def main(argv=None):
         if not args.no_dense:
             phase(f"dense-graph{i}", dense_step(dense_graphed))
     if args.out:
-        from benchmarks.moe_layer import environment
-
         recs = records(lines, args.tokens)
         args.out.write_text(json.dumps({"env": environment(torch.device("cuda")), "seconds": args.seconds,
                                         "phases": recs, "ratios": ratios(recs)}, indent=1))
