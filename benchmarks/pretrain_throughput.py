@@ -16,6 +16,7 @@ bf16 gradients; the trainer does not offer it), ``dssync`` (DeepSpeed's throughp
 device syncs per micro-batch, the trainer's default before 2026-12-02), ``selfreduce`` (at ZeRO-0 on one
 GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change),
 ``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that),
+``eagernorm`` (``fused_norms: false``: transformers' eager RMSNorms instead of ``models/norms.py``'s kernels: the before of that),
 ``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models),
 ``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too) and
 ``cutlass`` (the expert GEMMs on the per-shape tuned CUTLASS kernels of ``moe/cutlass_gemm.py``, built from the
@@ -79,7 +80,7 @@ def parse_run(name: str) -> dict:
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
             "fused_router": True, "fused_monitor": True, "f32acc": False,
             "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False, "bf16moments": False,
-            "cutlass": False}
+            "cutlass": False, "eagernorm": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -93,12 +94,12 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass"):
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass", "eagernorm"):
             spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass, eagernorm)")
     return spec
 
 
@@ -154,6 +155,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
             warmup_steps=5, lr=3e-4, dense_baseline="" if spec["dense"] == "sameattn" else spec["dense"], router={"aux_loss_coef": 0.01},
             profile_steps=[args.measure // 2, args.measure // 2 + 2] if spec["profile"] else [],
             cuda_graphs=spec["graphs"], moment_dtype="bf16" if spec["bf16moments"] else "float32",
+            fused_norms=not spec["eagernorm"],
         )
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         result = trainer.fit()
@@ -168,7 +170,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
             "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fused_monitor": spec["fused_monitor"], "fp32_grad_accum": spec["f32acc"],
             "deepspeed_timer_syncs": spec["dssync"], "self_all_reduce": spec["selfreduce"], "int64_sort_keys": spec["int64sort"],
-            "cuda_graphs": spec["graphs"], "moment_dtype": "bf16" if spec["bf16moments"] else "float32",
+            "cuda_graphs": spec["graphs"], "fused_norms": not spec["eagernorm"], "moment_dtype": "bf16" if spec["bf16moments"] else "float32",
             "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
@@ -198,7 +200,7 @@ def run(args) -> int:
     return 0
 
 
-BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort"}  # code as it was before a change
+BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort", "eagernorm"}  # code as it was before a change
 AFTER_OPTIONS = {"graphs", "bf16moments", "cutlass"}  # opt-in features: compared with the same run without them
 MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs", "cutlass"}  # dense models have no router (nothing to graph): their pair is the run without it
 

@@ -46,6 +46,7 @@ class LoopConfig(Config):
     ep_size: int = 1  # expert-parallel ranks; must divide the world size and the expert count
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     cuda_graphs: bool = False  # replay each MoE layer's forward and backward from a CUDA graph (GPU, ep_size 1, same bits)
+    fused_norms: bool = True  # the model's RMSNorms on fused Triton kernels on GPU (models/norms.py); CPU runs transformers' own
     # bookkeeping
     log_every: int = 10
     save_every: int = 100
@@ -65,7 +66,7 @@ class LoopConfig(Config):
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({
         "steps", "lr", "min_lr_ratio", "warmup_steps", "log_every", "save_every", "keep_checkpoints",
         "eval_batches", "eval_every", "profile_steps", "mlflow_tracking_uri", "experiment", "gpu_hour_usd",
-        "peak_tflops", "snapshot_every", "fused_adamw", "cuda_graphs",
+        "peak_tflops", "snapshot_every", "fused_adamw", "cuda_graphs", "fused_norms",
     })
 
     def check(self) -> None:

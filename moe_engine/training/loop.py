@@ -25,6 +25,7 @@ import torch
 
 from moe_engine.errors import ConfigError
 from moe_engine.models.adapters import moe_layers
+from moe_engine.models.norms import fuse_rms_norms
 from moe_engine.training.config import LoopConfig
 from moe_engine.training.flops import count_params, peak_flops, train_flops_per_token, usd_per_million_tokens
 from moe_engine.training.master_adamw import MasterAdamW, cast_parameters
@@ -108,6 +109,8 @@ class TrainLoop:
             raise ValueError("bf16 at zero_stage 0 (the fused master-weight AdamW) runs with ep_size 1 only; "
                              "use zero_stage 1 or 2 for expert parallelism")
         model = self.build_model()
+        if cfg.fused_norms and self.device.type == "cuda":
+            fuse_rms_norms(model)  # the same function, ~1/8 of the eager norms' memory traffic
         self.param_counts = count_params(model)
         self.is_moe = bool(moe_layers(model))
         if self.is_moe:

@@ -326,3 +326,21 @@ def test_cuda_graphs_train_the_same_bits_as_eager_layers(zero_stage, gpu_data, t
     a = AutoModelForCausalLM.from_pretrained(eager.model_dir).state_dict()
     b = AutoModelForCausalLM.from_pretrained(graphed.model_dir).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_norms_train_like_the_models_own_norms(gpu_data, tmp_path):
+    """``fused_norms`` (the default) puts the model's RMSNorms on the Triton kernels of
+    ``models/norms.py`` on a GPU; the losses follow those of transformers' eager norms to bf16 noise."""
+    from moe_engine.models.build import build_model
+
+    vocab = json.loads((gpu_data / "manifest.json").read_text())["vocab_size"]
+    kw = dict(arch="olmoe", data=gpu_data, precision="bf16", steps=6, save_every=0, **FAST)
+    runs = {}
+    for fused in (True, False):
+        model = build_model("olmoe", "tiny", seed=0, vocab_size=vocab)
+        runs[fused] = Trainer(model, out_dir=tmp_path / str(fused), fused_norms=fused, **kw).fit()
+        norms = [m for m in model.modules() if type(m).__name__ == "OlmoeRMSNorm"]
+        assert norms and all(hasattr(m, "_moe_lab_norm_eps") == fused for m in norms)
+    for a, b in zip(runs[True].losses, runs[False].losses):
+        assert a == pytest.approx(b, rel=2e-2)

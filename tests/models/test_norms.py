@@ -1,0 +1,159 @@
+"""Fused RMSNorm (models/norms.py): which modules it takes over, the CPU path left bit-for-bit stock,
+and on a GPU the kernels against float64 math and against transformers' eager modules."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersLayerNorm
+
+from moe_engine.models.build import build_model
+from moe_engine.models.norms import _FusedRMSNorm, fuse_rms_norms, rms_norm_reference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+NORM_CLASSES = (LlamaRMSNorm, OlmoeRMSNorm, SwitchTransformersLayerNorm)
+
+
+def _norm_modules(model):
+    return [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "switch_transformers"])
+def test_every_norm_of_each_architecture_is_fused_and_the_cpu_path_stays_stock(arch):
+    model = build_model(arch, "tiny", seed=0).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    kw = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(input_ids=ids, **kw).logits
+    norms = _norm_modules(model)
+    assert norms and fuse_rms_norms(model) == len(norms)
+    assert fuse_rms_norms(model) == len(norms)  # idempotent: nothing wrapped twice
+    if arch == "olmoe":  # q/k norms too: four per decoder layer and the final one
+        assert len(norms) == 4 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        after = model(input_ids=ids, **kw).logits
+    assert torch.equal(before, after)  # on the CPU the module's own forward runs
+    assert list(model.state_dict()) == keys
+
+
+class OffsetRMSNorm(nn.Module):  # Gemma's form: weight stored as an offset from 1
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class EpsOutsideNorm(nn.Module):  # eps added to the root, not under it
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = 1e-2
+
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)
+
+
+def test_norms_of_another_formula_keep_their_own_forward():
+    model = nn.Sequential(OffsetRMSNorm(8), EpsOutsideNorm(8), nn.LayerNorm(8, bias=False), nn.LayerNorm(8), LlamaRMSNorm(8))
+    assert fuse_rms_norms(model) == 1
+    assert [hasattr(m, "_moe_lab_norm_eps") for m in model] == [False, False, False, False, True]
+    assert all("forward" not in vars(m) for m in model[:4])
+
+
+def test_reference_is_transformers_formula():
+    x = torch.randn(5, 64)
+    for cls in NORM_CLASSES:  # float32: Switch's norm takes the mean of squares in float32 whatever the input
+        m = cls(64, eps=1e-5)
+        nn.init.uniform_(m.weight, 0.5, 1.5)
+        torch.testing.assert_close(rms_norm_reference(x, m.weight, 1e-5), m(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+def _float64_grads(x, w, g, eps):
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+    y64.backward(g.double())
+    return y64.detach(), x64.grad, w64.grad
+
+
+def _err(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (333, 100), (4096, 128), (2050, 2048), (64, 7168)])
+def test_fused_kernels_are_as_close_to_float64_as_the_eager_module(rows, dim, dtype):
+    torch.manual_seed(0)
+    eps = 1e-6
+    eager = OlmoeRMSNorm(dim, eps=eps).to("cuda", dtype)
+    nn.init.uniform_(eager.weight, 0.5, 1.5)
+    x = (torch.randn(rows, dim, device="cuda") * 3).to(dtype)
+    g = torch.randn(rows, dim, device="cuda").to(dtype)
+    y64, dx64, dw64 = _float64_grads(x, eager.weight, g, eps)
+    errs = {}
+    for name in ("eager", "fused"):
+        xi = x.clone().requires_grad_()
+        eager.weight.grad = None
+        y = eager(xi) if name == "eager" else _FusedRMSNorm.apply(xi, eager.weight, eps)
+        y.backward(g)
+        assert y.dtype == dtype and xi.grad.dtype == dtype and eager.weight.grad.dtype == dtype
+        errs[name] = [_err(y.detach(), y64), _err(xi.grad, dx64), _err(eager.weight.grad, dw64)]
+        if name == "eager":
+            eager_y = y.detach()
+    fused_y = _FusedRMSNorm.apply(x, eager.weight, eps)
+    # the same rounding as transformers: outputs differ only where the float32 sum of squares rounds otherwise
+    assert _err(fused_y, eager_y.double()) < (4e-3 if dtype == torch.bfloat16 else 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    for fused_err, eager_err in zip(errs["fused"], errs["eager"]):
+        assert fused_err <= 1.25 * eager_err + tol, errs
+
+
+@cuda
+def test_weight_gradient_is_deterministic_and_skipped_when_frozen():
+    x = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.rand(2048, device="cuda") + 0.5).to(torch.bfloat16).requires_grad_()
+    g = torch.randn_like(x)
+    grads = []
+    for _ in range(2):
+        w.grad = None
+        _FusedRMSNorm.apply(x, w, 1e-5).backward(g)
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    x.grad = None
+    _FusedRMSNorm.apply(x, w, 1e-5).backward(g)
+    xf = x.detach().clone().requires_grad_()
+    _FusedRMSNorm.apply(xf, w.detach(), 1e-5).backward(g)  # a frozen weight: no weight gradient to reduce
+    assert torch.equal(xf.grad, x.grad)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+def test_a_fused_model_trains_like_the_stock_one(arch):
+    """Loss and every gradient of a bf16 model with fused norms against the same model with eager
+    norms, both against float64 on the CPU: the fused one is no further from it."""
+    torch.manual_seed(0)
+    ref = build_model(arch, "tiny", seed=0).double()
+    ids = torch.randint(0, ref.config.vocab_size, (4, 64))
+    loss64 = ref(input_ids=ids, labels=ids).loss
+    loss64.backward()
+    errs = {}
+    for fused in (False, True):
+        model = build_model(arch, "tiny", seed=0).to("cuda", torch.bfloat16)
+        model.load_state_dict(ref.state_dict())
+        if fused:
+            assert fuse_rms_norms(model) > 0
+        loss = model(input_ids=ids.cuda(), labels=ids.cuda()).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        ref_grads = dict(ref.named_parameters())
+        errs[fused] = (abs(loss.item() - loss64.item()),
+                       sum(_err(g.cpu(), ref_grads[n].grad) for n, g in grads.items()) / len(grads))
+    assert errs[True][0] <= errs[False][0] + 2e-3, errs
+    assert errs[True][1] <= 1.1 * errs[False][1], errs
