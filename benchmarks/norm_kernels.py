@@ -1,9 +1,10 @@
-"""RMSNorm fwd+bwd on one GPU: transformers' eager module, torch's ``F.rms_norm`` and the engine's fused
-Triton kernels (``moe_engine/models/norms.py``), at the widths the models here normalise: 128 (Qwen3's
-per-head q/k norm), 2048 (OLMoE's hidden size and its whole-projection q/k norms), 4096 (Mixtral) and 7168
-(DeepSeek-V3). One process, variants timed round-robin (several rounds, the median), bf16, the input and
-the weight both trained. The norms' share of a training step is measured by ``pretrain_throughput.py``
-(run option ``eagernorm``); this isolates the kernels.
+"""RMSNorm fwd+bwd on one GPU: transformers' eager module against torch's fused ``F.rms_norm``, which
+``fuse_rms_norms`` (``moe_engine/models/norms.py``) runs in its place, at the widths the models here
+normalise: 128 (Qwen3's per-head q/k norm), 2048 (OLMoE's hidden size and its whole-projection q/k
+norms), 4096 (Mixtral) and 7168 (DeepSeek-V3). One process, variants timed round-robin (several rounds,
+the median), bf16, the input and the weight both trained. The norms' share of a training step is
+measured by ``pretrain_throughput.py`` (run option ``eagernorm``); this isolates the kernels.
+(``results/norm_kernels_h200_triton.json`` is the run that compared a first, Triton, version too.)
 
     python benchmarks/norm_kernels.py --out benchmarks/results/norm_kernels_h200.json
 """
@@ -15,11 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_layer import environment  # noqa: E402
-from moe_engine.models.norms import _FusedRMSNorm  # noqa: E402
+from moe_engine.models.norms import rms_norm  # noqa: E402
 
 WIDTHS = (128, 2048, 4096, 7168)
 
@@ -30,8 +30,7 @@ def variants(dim: int, eps: float = 1e-6):
     eager = OlmoeRMSNorm(dim, eps=eps).to("cuda", torch.bfloat16)
     return {
         "transformers eager": eager,
-        "F.rms_norm": lambda x: F.rms_norm(x, (dim,), eager.weight, eps),
-        "fused (engine)": lambda x: _FusedRMSNorm.apply(x, eager.weight, eps),
+        "engine (F.rms_norm)": lambda x: rms_norm(x, eager.weight, eps),
     }, eager.weight
 
 
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         base = row["ms_fwd_bwd"]["transformers eager"]
         row["speedup_vs_eager"] = {n: base / t for n, t in row["ms_fwd_bwd"].items()}
         # bytes a fused fwd+bwd must move: x and y forward; x, dy and dx backward (bf16)
-        row["fused_GBps"] = 5 * x.numel() * 2 / row["ms_fwd_bwd"]["fused (engine)"] / 1e6
+        row["engine_GBps"] = 5 * x.numel() * 2 / row["ms_fwd_bwd"]["engine (F.rms_norm)"] / 1e6
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"env": environment(torch.device("cuda")), "rounds": args.rounds, "rows": rows}
