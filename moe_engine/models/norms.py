@@ -5,11 +5,11 @@ multiplies and a cast back, each a full pass over the [T, D] activation in float
 as many in backward: 1.4 ms per norm fwd+bwd at 16k tokens x 2048 on an H200, where torch's own
 ``F.rms_norm`` (one fused CUDA kernel each way, float32 inside) takes 0.17 ms
 (``benchmarks/norm_kernels.py``). A decoder layer has two norms, OLMoE's and Qwen3's attention two more
-(q/k norms): on the 128-expert OLMoE-shaped model the eager norms were ~28% of the training step.
+(q/k norms): on the 128-expert OLMoE-shaped model the eager norms were ~22% of the training step.
 
 ``fuse_rms_norms(model)`` switches every RMSNorm module of a model to ``F.rms_norm`` where it runs
 fused (a CUDA tensor whose dtype equals the weight's) and leaves the module,
-its parameter and its ``state_dict`` key as they are; elsewhere (CPU, export, mixed dtypes) the module's
+its parameter and its ``state_dict`` key as they are; elsewhere (CPU, mixed dtypes) the module's
 own forward runs, so the CPU path is bit-for-bit the stock one. The function is the same; the rounding
 differs slightly: transformers rounds the normalised value to bf16 before the weight multiply,
 ``F.rms_norm`` rounds once after it (closer to float64 math; the GPU tests compare both against it). A
