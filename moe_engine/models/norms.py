@@ -20,7 +20,8 @@ module is switched only if it behaves as transformers' formula on a probe input 
 from __future__ import annotations
 
 import copy
-import types
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -63,28 +64,44 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, hidden_states)
 
 
+def _takes_one_input(module: nn.Module) -> bool:
+    """``forward(hidden_states)`` and nothing else (gated norms take a second input)."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
+
+
 def _behaves_as_rms_norm(module: nn.Module, eps: float) -> bool:
-    """The module's own forward equals the formula on a probe: a copy of the module with a float32 CPU
+    """The module's own forward equals the formula on probes: a copy of the module with a float32 CPU
     weight, so the check neither touches the module nor depends on where it lives (float32: some
-    modules compute the mean of squares in float32 whatever the input's dtype)."""
+    modules compute the mean of squares in float32 whatever the input's dtype). Two scales: mean(x^2)
+    ~ 9, and ~ eps, where an epsilon other than the attribute's would show."""
+    if module.weight.numel() == 0 or not _takes_one_input(module):
+        return False
     probe = copy.deepcopy(module)
     gen = torch.Generator().manual_seed(0)
     weight = torch.rand(module.weight.shape[0], generator=gen, dtype=torch.float32) + 0.5
     probe.weight = nn.Parameter(weight, requires_grad=False)  # replaces the copy's parameter (same name)
-    x = torch.randn(3, weight.shape[0], generator=gen, dtype=torch.float32) * 3
-    try:
-        with torch.no_grad():
-            out = type(module).forward(probe, x)
-    except Exception:  # noqa: BLE001 - a module that cannot run the probe is not ours to fuse
-        return False
-    return isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(out, rms_norm_reference(x, weight, eps),
-                                                                                     rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, weight.shape[0], generator=gen, dtype=torch.float32)
+    for scale in (3.0, eps ** 0.5):
+        try:
+            with torch.no_grad():
+                out = type(module).forward(probe, x * scale)
+        except Exception:  # noqa: BLE001 - a module that cannot run the probe is not ours to fuse
+            return False
+        if not (isinstance(out, torch.Tensor) and out.shape == x.shape
+                and torch.allclose(out, rms_norm_reference(x * scale, weight, eps), rtol=1e-5, atol=1e-6)):
+            return False
+    return True
 
 
 def fuse_rms_norms(model: nn.Module) -> int:
-    """Run every RMSNorm module of ``model`` on the fused kernels where they apply; returns how many.
-    Idempotent; parameters, names and ``state_dict`` are untouched (only the forward changes)."""
-    checked: dict[tuple[type, float], bool] = {}
+    """Run every RMSNorm module of ``model`` on the fused kernel where it applies; returns how many.
+    Each module is probed on its own (per-instance settings count). Idempotent; parameters, names and
+    ``state_dict`` are untouched (only the forward changes; a pickled model still loads: the forward is
+    a ``functools.partial`` of a module-level function)."""
     fused = 0
     for module in model.modules():
         if getattr(module, "_moe_lab_norm_eps", None) is not None:
@@ -94,11 +111,8 @@ def fuse_rms_norms(model: nn.Module) -> int:
         if (eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or getattr(module, "bias", None) is not None
                 or list(module.children()) or "norm" not in type(module).__name__.lower()):
             continue
-        key = (type(module), eps)
-        if key not in checked:
-            checked[key] = _behaves_as_rms_norm(module, eps)
-        if checked[key]:
+        if _behaves_as_rms_norm(module, eps):
             module._moe_lab_norm_eps = eps
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = functools.partial(_fused_forward, module)
             fused += 1
     return fused

@@ -46,7 +46,7 @@ class LoopConfig(Config):
     ep_size: int = 1  # expert-parallel ranks; must divide the world size and the expert count
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     cuda_graphs: bool = False  # replay each MoE layer's forward and backward from a CUDA graph (GPU, ep_size 1, same bits)
-    fused_norms: bool = True  # the model's RMSNorms on fused Triton kernels on GPU (models/norms.py); CPU runs transformers' own
+    fused_norms: bool = True  # the model's RMSNorms on torch's fused F.rms_norm on GPU (models/norms.py); CPU runs transformers' own
     # bookkeeping
     log_every: int = 10
     save_every: int = 100

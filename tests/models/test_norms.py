@@ -59,11 +59,48 @@ class EpsOutsideNorm(nn.Module):  # eps added to the root, not under it
         return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)
 
 
+class ScaledRMSNorm(LlamaRMSNorm):  # a per-instance setting: only the instances with scale 1 are RMSNorm
+    def __init__(self, dim, scale):
+        super().__init__(dim)
+        self.scale = scale
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states) * self.scale
+
+
+class HiddenEpsNorm(LlamaRMSNorm):  # the attribute says 1e-6, the forward uses another epsilon
+    def forward(self, hidden_states):
+        x32 = hidden_states.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-4)).to(hidden_states.dtype)
+
+
+class GatedRMSNorm(LlamaRMSNorm):  # a second input (Mamba-style gated norms)
+    def forward(self, hidden_states, gate=None):
+        out = super().forward(hidden_states)
+        return out if gate is None else out * torch.sigmoid(gate)
+
+
 def test_norms_of_another_formula_keep_their_own_forward():
-    model = nn.Sequential(OffsetRMSNorm(8), EpsOutsideNorm(8), nn.LayerNorm(8, bias=False), nn.LayerNorm(8), LlamaRMSNorm(8))
-    assert fuse_rms_norms(model) == 1
-    assert [hasattr(m, "_moe_lab_norm_eps") for m in model] == [False, False, False, False, True]
-    assert all("forward" not in vars(m) for m in model[:4])
+    model = nn.Sequential(OffsetRMSNorm(8), EpsOutsideNorm(8), nn.LayerNorm(8, bias=False), nn.LayerNorm(8),
+                          HiddenEpsNorm(8), GatedRMSNorm(8), LlamaRMSNorm(0), ScaledRMSNorm(8, 2.0), ScaledRMSNorm(8, 1.0),
+                          LlamaRMSNorm(8))
+    assert fuse_rms_norms(model) == 2
+    assert [hasattr(m, "_moe_lab_norm_eps") for m in model] == [False] * 8 + [True, True]
+    assert all("forward" not in vars(m) for m in model[:8])
+
+
+def test_a_fused_model_pickles_and_copies_with_its_own_forward():
+    import copy
+    import pickle
+
+    model = nn.Sequential(LlamaRMSNorm(8), LlamaRMSNorm(8))
+    assert fuse_rms_norms(model) == 2
+    x = torch.randn(2, 8)
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert all(m.forward.args[0] is m for m in other)  # bound to the copy, not to the original
+        nn.init.uniform_(other[0].weight, 0.5, 1.5)
+        torch.testing.assert_close(other(x), rms_norm_reference(rms_norm_reference(x, other[0].weight, 1e-6), other[1].weight, 1e-6))
+    assert fuse_rms_norms(model) == 2
 
 
 def test_reference_is_transformers_formula():
@@ -145,6 +182,8 @@ def test_a_fused_model_trains_like_the_stock_one(arch):
     norms, both against float64 on the CPU: the fused one is no further from it."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", seed=0).double()
+    for m in _norm_modules(ref):  # built norms are all ones: random weights make the multiply count
+        nn.init.uniform_(m.weight, 0.5, 1.5)
     ids = torch.randint(0, ref.config.vocab_size, (4, 64))
     loss64 = ref(input_ids=ids, labels=ids).loss
     loss64.backward()
