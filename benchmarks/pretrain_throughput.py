@@ -195,7 +195,7 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
 def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.warmup_run and args.runs:  # the first run of a process is often the fastest: spend it on nothing
+    if args.warmup_run and args.runs:  # the first run of a process was the fastest in the third session: spend it on nothing
         with tempfile.TemporaryDirectory() as scratch:
             run_one(args, parse_run(args.runs[0]), Path(scratch), -1)
     for index, name in enumerate(args.runs):
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=16)
     ap.add_argument("--measure", type=int, default=30, help="optimizer steps timed, after as many warm-up steps")
     ap.add_argument("--warmup-run", action="store_true",
-                    help="run the first run's settings once before the listed runs and discard it (the first run of a "
-                         "process is often ~10%% faster than later ones: NOTES.md, third and tenth sessions)")
+                    help="run the first run's settings once before the listed runs and discard it (in the third session the "
+                         "first run of a process was ~10%% faster than later ones; not in the tenth: NOTES.md)")
     ap.add_argument("--merge", nargs="*", help="row files to merge into --out")
     ap.add_argument("--note", default="", help="what the merged result is (machine, calls, code state)")
     ap.add_argument("--out", required=True, help="a directory for rows, or the merged JSON file with --merge")
