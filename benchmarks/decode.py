@@ -63,6 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moe_engine as me  # noqa: E402
 from moe_engine.inference.generate import StaticDecoder, StepTimer  # noqa: E402
+from moe_engine.models.norms import fuse_rms_norms  # noqa: E402
+
+FUSED_NORMS = {"enabled": False}  # --fused-norms
 
 # name: model shape (Mixtral architecture; dense models use the same attention)
 SHAPES = {
@@ -101,6 +104,8 @@ def build(kind: str, s: dict, device, dtype, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if FUSED_NORMS["enabled"]:  # every model, stock, engine and dense alike
+        fuse_rms_norms(model)
     return model.eval()
 
 
@@ -439,7 +444,11 @@ def main(argv=None):
                     help="transformers experts in the graphs loop")
     ap.add_argument("--crossover-tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
+    ap.add_argument("--fused-norms", action="store_true",
+                    help="every model's RMSNorms on torch's fused F.rms_norm (moe_engine/models/norms.py); compare "
+                         "with a run without it")
     args = ap.parse_args(argv)
+    FUSED_NORMS["enabled"] = args.fused_norms
 
     start = time.perf_counter()
     deadline = start + args.budget_s
@@ -452,7 +461,7 @@ def main(argv=None):
     batches = [1, 4] if args.smoke else args.batches
     new_tokens = 8 if args.smoke else args.new_tokens
     report = dict(env=environment(device), dtype=str(dtype), prompt_tokens=PROMPT, new_tokens=new_tokens, loops=loops,
-                  random_weights=True, decode={})
+                  random_weights=True, fused_norms=args.fused_norms, decode={})
 
     def save():
         report["elapsed_s"] = time.perf_counter() - start

@@ -19,7 +19,7 @@ from pathlib import Path
 _FLAGS = {  # argparse dest -> GenerateConfig key
     "max_new_tokens": "max_new_tokens", "sample": "do_sample", "temperature": "temperature", "top_k": "top_k",
     "top_p": "top_p", "seed": "seed", "device": "device", "dtype": "dtype", "compile": "compile",
-    "cuda_graphs": "cuda_graphs", "experts_mode": "experts_mode", "ignore_eos": "stop_at_eos",
+    "cuda_graphs": "cuda_graphs", "experts_mode": "experts_mode", "ignore_eos": "stop_at_eos", "fused_norms": "fused_norms",
 }
 _OFFLOAD_FLAGS = {
     "offload_store": "store", "offload_policy": "policy", "offload_stats": "stats", "prefetch": "prefetch",
@@ -125,6 +125,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_const", const=True, help="static cache + torch.compile of the decode step (GPU)")
     p.add_argument("--cuda-graphs", action="store_const", const=True,
                    help="static cache + the engine's decode loop with each step replayed as a CUDA graph (GPU)")
+    p.add_argument("--fused-norms", action="store_const", const=True,
+                   help="the model's RMSNorms on torch's fused kernel (GPU; fewer kernels per step; not with --compile)")
     p.add_argument("--experts-mode", choices=["auto", "grouped", "gathered"],
                    help="MoE experts path: auto (decode path for small batches), grouped, gathered")
     p.add_argument("--offload", type=float, metavar="FRACTION",

@@ -52,6 +52,7 @@ class GenerateConfig(Config):
     compile: bool = False  # static cache + torch.compile of the decode step (transformers' generate, GPU)
     cuda_graphs: bool = False  # static cache + the engine's decode loop, one step captured as a CUDA graph (GPU)
     experts_mode: Literal["auto", "grouped", "gathered"] = "auto"  # see MoELayer.experts_mode
+    fused_norms: bool = False  # the model's RMSNorms on torch's fused F.rms_norm (models/norms.py; GPU, not with compile)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def check(self) -> None:

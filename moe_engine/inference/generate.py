@@ -278,6 +278,10 @@ def _prepare_model(model_or_dir, cfg: GenerateConfig, device, dtype):
         param = next(model.parameters())
         if param.device != device or param.dtype != dtype:
             model.to(device=device, dtype=dtype)
+    if cfg.fused_norms and device.type == "cuda" and not cfg.compile:  # compile fuses the eager norms itself
+        from moe_engine.models.norms import fuse_rms_norms
+
+        fuse_rms_norms(model)  # stays on a model object passed in, like experts_mode
     return model, model_dir
 
 

@@ -141,3 +141,26 @@ def test_cuda_graph_decoder_matches_the_eager_loop_and_stock_transformers():
     assert torch.equal(eager, stock.generate(ids, **GREEDY)[:, ids.shape[1]:])
     result = me.generate(patched, ids, max_new_tokens=12, cuda_graphs=True, stop_at_eos=False)
     assert result.token_ids == eager.tolist()
+
+
+def test_fused_norms_leave_the_cpu_path_alone():
+    """``fused_norms`` switches RMSNorms to torch's fused kernel on a GPU only: on the CPU the model keeps
+    transformers' own modules and decodes the same tokens."""
+    _, patched = _pair("olmoe")
+    ids = _prompt(patched.config.vocab_size)
+    plain = me.generate(patched, ids, max_new_tokens=6, stop_at_eos=False, device="cpu")
+    fused = me.generate(patched, ids, max_new_tokens=6, stop_at_eos=False, device="cpu", fused_norms=True)
+    assert fused.token_ids == plain.token_ids and fused.settings["fused_norms"] is True
+    assert not any(hasattr(m, "_moe_lab_norm_eps") for m in patched.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_norms_decode_the_eager_tokens_in_float32():
+    _, patched = _pair("olmoe")
+    patched = patched.cuda()
+    ids = _prompt(patched.config.vocab_size).cuda()
+    eager = me.generate(patched, ids, max_new_tokens=12, stop_at_eos=False)
+    for graphs in (False, True):
+        fused = me.generate(patched, ids, max_new_tokens=12, stop_at_eos=False, fused_norms=True, cuda_graphs=graphs)
+        assert fused.token_ids == eager.token_ids
+    assert any(hasattr(m, "_moe_lab_norm_eps") for m in patched.modules())
