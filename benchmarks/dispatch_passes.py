@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.grouped_gemm_groups import round_robin  # noqa: E402
 from benchmarks.moe_layer import SHAPES, environment  # noqa: E402
 from moe_engine.moe import dispatch, dispatch_kernels  # noqa: E402
 
@@ -83,8 +84,6 @@ def passes(shape, tokens: int, device="cuda", dtype=torch.bfloat16):
 
 
 def main(argv=None) -> int:
-    import triton.testing
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=5)
@@ -97,10 +96,7 @@ def main(argv=None) -> int:
         variants, same = passes(shape, args.tokens)
         if not same:
             raise SystemExit(f"{shape}: the scatter permute differs from index_select: not timing it")
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, fn in variants.items():
-                times[name].append(triton.testing.do_bench(fn, warmup=5, rep=args.rep_ms, return_mode="median"))
+        times = round_robin(variants, args.rounds, args.rep_ms)
         D, _, E, K, _ = SHAPES[shape]
         ms = {n: statistics.median(t) for n, t in times.items()}
         row = {"shape": shape, "tokens": args.tokens, "D": D, "experts": E, "top_k": K, "bitwise_equal": same, "ms": ms,

@@ -39,6 +39,15 @@ def bench(fn, rep_ms: float) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
 
 
+def round_robin(variants: dict, rounds: int, rep_ms: float) -> dict[str, list[float]]:
+    """ms of each variant in each of ``rounds`` round-robin rounds (every variant sees every power state)."""
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(bench(fn, rep_ms))
+    return times
+
+
 def offsets_for(sizes_E: list[int], dev) -> torch.Tensor:
     return torch.tensor(sizes_E, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
 
@@ -106,10 +115,7 @@ def run_shape(name, dims, tokens, rounds, rep_ms, log) -> dict:
         got, want = per[label](), grouped(routed)
         per_err = float((torch.stack(got) if label.startswith("wgrad") else torch.cat(got)).float()
                         .sub(want.float()).abs().max())
-        times = {k: [] for k in variants}
-        for _ in range(rounds):  # round-robin: every variant sees every power state
-            for k, fn in variants.items():
-                times[k].append(bench(fn, rep_ms))
+        times = round_robin(variants, rounds, rep_ms)
         row = {k: statistics.median(v) for k, v in times.items()}
         row["spread"] = {k: [min(v), max(v)] for k, v in times.items()}
         row["one_group_vs_mm_max_abs_diff"] = err

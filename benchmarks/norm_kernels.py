@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.grouped_gemm_groups import round_robin  # noqa: E402
 from benchmarks.moe_layer import environment  # noqa: E402
 from moe_engine.models.norms import rms_norm  # noqa: E402
 
@@ -35,8 +36,6 @@ def variants(dim: int, eps: float = 1e-6):
 
 
 def main(argv=None) -> int:
-    import triton.testing
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384, help="rows per call (tokens of a micro-batch)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -54,10 +53,7 @@ def main(argv=None) -> int:
             x.grad = weight.grad = None
             fn(x).backward(g)
 
-        times = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                times[name].append(triton.testing.do_bench(lambda: step(fn), warmup=5, rep=args.rep_ms, return_mode="median"))
+        times = round_robin({name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}, args.rounds, args.rep_ms)
         row = {"dim": dim, "tokens": args.tokens, "ms_fwd_bwd": {n: statistics.median(t) for n, t in times.items()}}
         base = row["ms_fwd_bwd"]["transformers eager"]
         row["speedup_vs_eager"] = {n: base / t for n, t in row["ms_fwd_bwd"].items()}

@@ -96,6 +96,7 @@ def test_a_fused_model_pickles_and_copies_with_its_own_forward():
     model = nn.Sequential(LlamaRMSNorm(8), LlamaRMSNorm(8))
     assert fuse_rms_norms(model) == 2
     x = torch.randn(2, 8)
+    # a round trip of the object this test just built (what torch.save(model) users need): no foreign data is read
     for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert all(m.forward.args[0] is m for m in other)  # bound to the copy, not to the original
         nn.init.uniform_(other[0].weight, 0.5, 1.5)
