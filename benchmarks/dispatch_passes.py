@@ -1,14 +1,15 @@
-"""The token-dispatch passes of one MoE layer's fwd+bwd, each alone, and a candidate for the forward permute.
+"""The token-dispatch passes of one MoE layer's fwd+bwd, each alone, and the two ways of the forward permute.
 
 The layer moves [A, D] rows (A = tokens x k) four times besides its GEMMs (``moe/dispatch.py``):
   - ``permute``: ``x_TD.index_select(0, order_A // k)`` -> ``x_AD`` (reads each token row k times: with
-    k = 8 and T x D larger than L2 that is k reads from memory per row);
+    k = 8 and T x D larger than L2 that is k reads from memory per row; the engine's way before the
+    eleventh session, and still its way off CUDA);
   - ``combine``: the weighted gather-sum of the expert outputs back to tokens (``gather_sum``);
   - ``combine backward``: ``combine_backward`` (the [A, D] gradient rows and the routing weights' gradient);
   - ``permute backward``: the gather-sum of the [A, D] input gradients back to tokens.
-The candidate, ``scatter permute``, writes the same ``x_AD`` from the token side: one program per token
-reads its row once and stores it at its k positions (``inverse_A``), so the pass reads T x D instead of
-A x D. Every destination row is written once (no atomics): the output equals ``index_select``'s bit for
+``scatter permute`` (``dispatch_kernels.scatter_rows``, the engine's forward permute on CUDA) writes the same
+``x_AD`` from the token side: one program per token reads its row once and stores it at its k positions
+(``inverse_A``), so the pass reads T x D instead of A x D. Every destination row is written once (no atomics): the output equals ``index_select``'s bit for
 bit, which this script checks before timing. Variants are timed round-robin, several rounds, the median,
 on the four shapes of ``moe_layer.py`` at 16,384 tokens and a random top-k routing.
 
@@ -18,7 +19,6 @@ on the four shapes of ``moe_layer.py`` at 16,384 tokens and a random top-k routi
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -32,35 +32,6 @@ from benchmarks.moe_layer import SHAPES, environment  # noqa: E402
 from moe_engine.moe import dispatch, dispatch_kernels  # noqa: E402
 
 
-@functools.cache
-def _scatter_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def scatter_rows(x_ptr, inverse_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = offs < D
-        row = tl.load(x_ptr + t * D + offs, mask=mask)
-        for k in tl.static_range(K):
-            dest = tl.load(inverse_ptr + t * K + k).to(tl.int64)
-            tl.store(out_ptr + dest * D + offs, row, mask=mask)
-
-    return triton, scatter_rows
-
-
-def scatter_permute(x_TD: torch.Tensor, inverse_A: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``x_TD.index_select(0, order_A // top_k)`` written from the token side: out[inverse_A[t*k + j]] = x[t]."""
-    triton, kernel = _scatter_kernel()
-    x_TD, inverse_A = x_TD.contiguous(), inverse_A.contiguous()
-    tokens, dim = x_TD.shape
-    out_AD = x_TD.new_empty(tokens * top_k, dim)
-    block = min(1024, triton.next_power_of_2(dim))
-    kernel[(tokens, triton.cdiv(dim, block))](x_TD, inverse_A, out_AD, dim, K=top_k, BLOCK_D=block)
-    return out_AD
-
-
 def passes(shape, tokens: int, device="cuda", dtype=torch.bfloat16):
     """(variants: name -> zero-argument callable, check: the scatter permute equals index_select)."""
     D, _, E, K, _ = SHAPES[shape] if isinstance(shape, str) else shape
@@ -72,10 +43,10 @@ def passes(shape, tokens: int, device="cuda", dtype=torch.bfloat16):
     y_AD = torch.randn(tokens * K, D, device=device, generator=g).to(dtype)
     g_TD = torch.randn(tokens, D, device=device, generator=g).to(dtype)
     source_A = p.order_A // K
-    same = torch.equal(scatter_permute(x_TD, p.inverse_A, K), x_TD.index_select(0, source_A))
+    same = torch.equal(dispatch_kernels.scatter_rows(x_TD, p.inverse_A, K), x_TD.index_select(0, source_A))
     variants = {
         "permute (index_select)": lambda: x_TD.index_select(0, source_A),
-        "scatter permute": lambda: scatter_permute(x_TD, p.inverse_A, K),
+        "scatter permute": lambda: dispatch_kernels.scatter_rows(x_TD, p.inverse_A, K),
         "combine": lambda: dispatch_kernels.gather_sum(y_AD, p.inverse_A, weight_TK, K),
         "combine backward": lambda: dispatch_kernels.combine_backward(g_TD, y_AD, p.inverse_A, weight_TK),
         "permute backward": lambda: dispatch_kernels.gather_sum(y_AD, p.inverse_A, None, K),

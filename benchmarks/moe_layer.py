@@ -215,6 +215,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     variants["engine (eager SwiGLU)"] = lambda: engine
     variants["engine (PyTorch router)"] = lambda: engine  # the router before its fused kernel
     variants["engine (int64 sort keys)"] = lambda: engine  # the dispatch sort before its narrow keys
+    variants["engine (index_select permute)"] = lambda: engine  # the forward permute before scatter_rows
     variants["dense (HF MLP)"] = lambda: DenseSwiGLU(D, K * F_).to(device, dtype)
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
     if cutlass_gemm.loaded():  # --cutlass: the expert GEMMs on the per-shape tuned CUTLASS kernels
@@ -245,6 +246,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
         router_kernels.FUSED["enabled"] = "PyTorch router" not in vname
         if "int64 sort keys" in vname:
             dispatch.sort_key_dtype = lambda num_ids: torch.int64
+        dispatch.SCATTER["enabled"] = "index_select permute" not in vname
         try:
             if vname.startswith("transformers batched_mm") and tokens * K * 3 * F_ * D * 2 > 20e9:
                 raise MemoryError(f"batched_mm gathers a weight copy per token: {tokens * K * 3 * F_ * D * 2 / 1e9:.0f} GB")
@@ -286,6 +288,7 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
             cutlass_gemm.SWITCH["enabled"] = True
             router_kernels.FUSED["enabled"] = True
             dispatch.sort_key_dtype = narrow_keys
+            dispatch.SCATTER["enabled"] = True
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results[vname] = row

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_layer import SHAPES, DenseSwiGLU, engine_train_step, environment, graphed_engine  # noqa: E402
-from moe_engine.moe import cutlass_gemm  # noqa: E402
+from moe_engine.moe import cutlass_gemm, dispatch  # noqa: E402
 
 
 def power_in(log: Path, t0: float, t1: float) -> str:
@@ -78,6 +78,8 @@ def ratios(recs: list[dict]) -> dict:
             continue
         dense = min(med[v] for v in med if v.startswith("dense"))
         best = {"engine": min(med[v] for v in ("eager", "graph") if v in med)}
+        if any(v.startswith("indexsel") for v in med):
+            best["engine with the index_select permute"] = min(med[v] for v in med if v.startswith("indexsel"))
         if any(v.startswith("cutlass") for v in med):
             best["engine on tuned CUTLASS"] = min(med[v] for v in med if v.startswith("cutlass"))
         out[f"{key[0]} T={key[1]}"] = {"ms": med, **{f"{k} vs dense": b / dense for k, b in best.items()}}
@@ -94,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--power-log", type=Path, help="nvidia-smi csv written beside this run (see above)")
     ap.add_argument("--cutlass", type=Path, help="a CUTLASS checkout: adds phases on the tuned CUTLASS expert GEMMs")
     ap.add_argument("--cutlass-build", type=Path, default=Path(".cache/moe-lab-kernels"))
+    ap.add_argument("--index-select", action="store_true",
+                    help="adds phases with the forward permute as an index_select (the before of dispatch_kernels.scatter_rows)")
     ap.add_argument("--out", type=Path, help="also write the phases, the environment and the ratios as JSON")
     args = ap.parse_args(argv)
     lines = []
@@ -151,6 +155,13 @@ def main(argv=None):
             phase(f"cutlass-graph{i}", step)
             eng.graphs.release()
             cutlass_gemm.SWITCH["enabled"] = False
+        if args.index_select:  # the same layer before the scatter permute, eager and graphed
+            dispatch.SCATTER["enabled"] = False
+            phase(f"indexsel{i}", step)
+            graphed_engine(eng, args.tokens, D, "cuda", torch.bfloat16)
+            phase(f"indexsel-graph{i}", step)
+            eng.graphs.release()
+            dispatch.SCATTER["enabled"] = True
         if not args.no_dense:
             phase(f"dense-graph{i}", dense_step(dense_graphed))
     if args.out:

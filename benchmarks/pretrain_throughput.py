@@ -17,6 +17,7 @@ device syncs per micro-batch, the trainer's default before 2026-12-02), ``selfre
 GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of that change),
 ``int64sort`` (the dispatch plan sorts int64 expert ids instead of uint8/int16 ones: the before of that),
 ``eagernorm`` (``fused_norms: false``: transformers' eager RMSNorms instead of ``models/norms.py``'s kernels: the before of that),
+``indexsel`` (the forward permute as an ``index_select`` instead of ``dispatch_kernels.scatter_rows``: the before of that),
 ``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models),
 ``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too) and
 ``cutlass`` (the expert GEMMs on the per-shape tuned CUTLASS kernels of ``moe/cutlass_gemm.py``, built from the
@@ -80,7 +81,7 @@ def parse_run(name: str) -> dict:
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
             "fused_router": True, "fused_monitor": True, "f32acc": False,
             "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False, "bf16moments": False,
-            "cutlass": False, "eagernorm": False}
+            "cutlass": False, "eagernorm": False, "indexsel": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -94,12 +95,12 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass", "eagernorm"):
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass", "eagernorm", "indexsel"):
             spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass, eagernorm)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass, eagernorm, indexsel)")
     return spec
 
 
@@ -126,6 +127,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
     narrow_keys = dispatch.sort_key_dtype
     if spec["int64sort"]:
         dispatch.sort_key_dtype = lambda num_ids: torch.int64
+    dispatch.SCATTER["enabled"] = not spec["indexsel"]
     if spec["cutlass"]:
         from moe_engine.moe import cutlass_gemm
 
@@ -138,6 +140,7 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
         router_kernels.FUSED.update(enabled=True, monitor=True)
         loop_mod.TrainLoop._ds_config, loop_mod.TrainLoop._reduces_gradients = ds_config, reduces
         dispatch.sort_key_dtype = narrow_keys
+        dispatch.SCATTER["enabled"] = True
 
 
 def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
@@ -203,7 +206,7 @@ def run(args) -> int:
     return 0
 
 
-BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort", "eagernorm"}  # code as it was before a change
+BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort", "eagernorm", "indexsel"}  # code as it was before a change
 AFTER_OPTIONS = {"graphs", "bf16moments", "cutlass"}  # opt-in features: compared with the same run without them
 MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs", "cutlass"}  # dense models have no router (nothing to graph): their pair is the run without it
 

@@ -2,7 +2,8 @@
 
 Dropless token-choice dispatch (the hot path):
     1. sort the A = T*K assignments by expert (dropped ones, expert E, sort last);
-    2. gather the token rows in that order -> ``x_AD`` (rows of one expert are contiguous);
+    2. copy the token rows into that order -> ``x_AD`` (rows of one expert are contiguous; on CUDA each
+       token row is read once and stored at its K places, elsewhere an ``index_select``);
     3. the experts run as one grouped GEMM over those contiguous groups;
     4. un-sort and combine each token's K rows with its routing weights.
 Steps 2 and 4 are custom autograd functions whose backward passes are gathers through the inverse
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from moe_engine.moe import dispatch_kernels as kernels
+
+SCATTER = {"enabled": True}  # benchmarks switch it off to time the index_select permute side by side
 
 
 @dataclass
@@ -53,6 +56,8 @@ def plan(expert_idx_A: torch.Tensor, num_experts: int, may_drop: bool) -> Dispat
 
 class _PermuteTokens(torch.autograd.Function):
     """x_AD = x_TD[order_A // K]; backward sums each token's K gradient rows (one fused gather-sum).
+    On CUDA the forward stores each token row at its K sorted places (``scatter_rows``: T x D read instead
+    of ``index_select``'s A x D, the same bits); elsewhere it is the ``index_select``.
     Rows of dropped assignments (``valid_A`` False) get no gradient: past the last expert group the
     grouped GEMM's backward leaves them unwritten, so they are zeroed before the sum."""
 
@@ -60,6 +65,8 @@ class _PermuteTokens(torch.autograd.Function):
     def forward(ctx, x_TD, order_A, inverse_A, top_k, valid_A=None):
         ctx.save_for_backward(inverse_A, valid_A)
         ctx.top_k = top_k
+        if SCATTER["enabled"] and kernels.use_triton(x_TD):
+            return kernels.scatter_rows(x_TD, inverse_A, top_k)
         return x_TD.index_select(0, order_A // top_k)
 
     @staticmethod

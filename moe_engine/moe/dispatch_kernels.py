@@ -2,8 +2,10 @@
 
 Two memory-bound steps of token dispatch read every [A, D] row once more than needed when written
 with PyTorch ops (gather into a [T, K, D] copy, then a batched matmul or a sum; the batched matmul
-with inner dimension K is a particularly slow cuBLAS case for K = 1):
+with inner dimension K is a particularly slow cuBLAS case for K = 1), and the forward permute reads
+each token row K times when written as ``index_select``:
 
+    scatter_rows:      out_AD[idx_A[t*K + k]] = x_TD[t]      (each token row read once, stored K times)
     gather_sum:        out_TD[t]  = sum_k w_TK[t, k] * src_AD[idx_A[t*K + k]]      (fp32 accumulation)
     combine_backward:  grad_src_AD[idx_A[t*K + k]] = w_TK[t, k] * g_TD[t]
                        grad_w_TK[t, k]            = <src_AD[idx_A[t*K + k]], g_TD[t]>
@@ -77,7 +79,17 @@ def _triton_kernels():
                 dot += v * g
             tl.store(grad_w_ptr + t * K + k, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))
 
-    return triton, gather_sum_kernel, combine_bwd_kernel
+    @triton.jit
+    def scatter_rows_kernel(x_ptr, idx_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < D
+        row = tl.load(x_ptr + t * D + offs, mask=mask)
+        for k in tl.static_range(K):
+            dest = tl.load(idx_ptr + t * K + k).to(tl.int64)
+            tl.store(out_ptr + dest * D + offs, row, mask=mask)
+
+    return triton, gather_sum_kernel, combine_bwd_kernel, scatter_rows_kernel
 
 
 @functools.cache
@@ -90,14 +102,15 @@ def triton_importable() -> bool:
     return True
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for ``t`` (a CUDA tensor of a float type Triton loads, Triton there)."""
     return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_importable()
 
 
 def gather_sum(src_AD: torch.Tensor, idx_A: torch.Tensor, w_TK: torch.Tensor | None, top_k: int) -> torch.Tensor:
-    if not _use_triton(src_AD):
+    if not use_triton(src_AD):
         return gather_sum_reference(src_AD, idx_A, w_TK, top_k)
-    triton, kernel, _ = _triton_kernels()
+    triton, kernel, _, _ = _triton_kernels()
     src_AD, idx_A = src_AD.contiguous(), idx_A.contiguous()
     num_tokens, dim = idx_A.numel() // top_k, src_AD.shape[-1]
     out_TD = src_AD.new_empty(num_tokens, dim)
@@ -108,9 +121,9 @@ def gather_sum(src_AD: torch.Tensor, idx_A: torch.Tensor, w_TK: torch.Tensor | N
 
 
 def combine_backward(g_TD, src_AD, idx_A, w_TK):
-    if not _use_triton(src_AD):
+    if not use_triton(src_AD):
         return combine_backward_reference(g_TD, src_AD, idx_A, w_TK)
-    triton, _, kernel = _triton_kernels()
+    triton, _, kernel, _ = _triton_kernels()
     g_TD, src_AD, idx_A, w_TK = g_TD.contiguous(), src_AD.contiguous(), idx_A.contiguous(), w_TK.contiguous()
     num_tokens, top_k = w_TK.shape
     dim = src_AD.shape[-1]
@@ -119,3 +132,30 @@ def combine_backward(g_TD, src_AD, idx_A, w_TK):
     block = min(1024, triton.next_power_of_2(dim))
     kernel[(num_tokens,)](g_TD, src_AD, idx_A, w_TK, grad_src_AD, grad_w_TK, dim, K=top_k, BLOCK_D=block)
     return grad_src_AD, grad_w_TK
+
+
+def scatter_rows_reference(x_TD, idx_A, top_k):
+    out_AD = x_TD.new_empty(idx_A.numel(), x_TD.shape[-1])
+    out_AD[idx_A] = x_TD.repeat_interleave(top_k, dim=0)
+    return out_AD
+
+
+def scatter_rows(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``out_AD[idx_A[t*K + k]] = x_TD[t]`` for a permutation ``idx_A`` of the A = T*K rows: equals
+    ``x_TD.index_select(0, order_A // K)`` bit for bit (``idx_A`` the inverse of ``order_A``; every row is
+    written once, no atomics) but reads T x D instead of A x D."""
+    if not use_triton(x_TD):
+        return scatter_rows_reference(x_TD, idx_A, top_k)
+    return scatter_rows_triton(x_TD, idx_A, top_k)
+
+
+def scatter_rows_triton(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Triton kernel of ``scatter_rows`` on any device Triton runs on (the tests run it in Triton's
+    CPU interpreter too)."""
+    triton, _, _, kernel = _triton_kernels()
+    x_TD, idx_A = x_TD.contiguous(), idx_A.contiguous()
+    num_tokens, dim = x_TD.shape
+    out_AD = x_TD.new_empty(num_tokens * top_k, dim)
+    block = min(1024, triton.next_power_of_2(dim))
+    kernel[(num_tokens, triton.cdiv(dim, block))](x_TD, idx_A, out_AD, dim, K=top_k, BLOCK_D=block)
+    return out_AD

@@ -1,10 +1,6 @@
-"""benchmarks/dispatch_passes.py: the candidate scatter permute writes index_select's rows bit for bit, on
-uneven routings with k 1, 2 and 8. On a CUDA GPU, or without one in Triton's CPU interpreter (a subprocess:
-the interpreter must be on before Triton is first imported)."""
+"""benchmarks/dispatch_passes.py: every variant runs and the scatter permute it times is checked against
+index_select (on the CPU its reference path; the Triton kernel's bits are tests/moe/test_dispatch_kernels.py's)."""
 
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,27 +8,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from benchmarks.dispatch_passes import passes  # noqa: E402
 
 
-@pytest.mark.skipif(not HAS_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-                    reason="needs a CUDA GPU, or Triton's interpreter (test_scatter_permute_in_triton_interpreter)")
 @pytest.mark.parametrize("dims", [(64, 96, 8, 2, True), (96, 32, 16, 8, False), (40, 32, 4, 1, False)])
-def test_scatter_permute_equals_index_select(dims):
-    from benchmarks.dispatch_passes import passes
-
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    _, same = passes(dims, tokens=37, device=DEVICE, dtype=dtype)
+def test_every_pass_runs_and_the_scatter_permute_equals_index_select(dims):
+    variants, same = passes(dims, tokens=37, device="cpu", dtype=torch.float32)
     assert same
-
-
-@pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs Triton without a GPU (on a GPU the test above runs the kernel itself)")
-def test_scatter_permute_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "equals_index_select"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "3 passed" in run.stdout
+    outputs = {name: fn() for name, fn in variants.items()}
+    assert torch.equal(outputs["permute (index_select)"], outputs["scatter permute"])
+    assert outputs["combine"].shape == (37, dims[0]) and outputs["combine backward"][1].shape == (37, dims[3])
