@@ -141,6 +141,12 @@ def main(argv=None):
         print(lines[-1], flush=True)
         time.sleep(2)
 
+    def eager_and_graphed(name, i):  # the engine's step as the switches stand, eager then from CUDA graphs
+        phase(f"{name}{i}", step)
+        graphed_engine(eng, args.tokens, D, "cuda", torch.bfloat16)
+        phase(f"{name}-graph{i}", step)
+        eng.graphs.release()
+
     for i in range(1, args.rounds + 1):
         phase(f"eager{i}", step)
         if not args.no_dense:
@@ -150,17 +156,11 @@ def main(argv=None):
         eng.graphs.release()
         if args.cutlass:  # the same layer with its expert GEMMs on the tuned CUTLASS kernels, eager and graphed
             cutlass_gemm.SWITCH["enabled"] = True
-            phase(f"cutlass{i}", step)
-            graphed_engine(eng, args.tokens, D, "cuda", torch.bfloat16)
-            phase(f"cutlass-graph{i}", step)
-            eng.graphs.release()
+            eager_and_graphed("cutlass", i)
             cutlass_gemm.SWITCH["enabled"] = False
         if args.index_select:  # the same layer before the scatter permute, eager and graphed
             dispatch.SCATTER["enabled"] = False
-            phase(f"indexsel{i}", step)
-            graphed_engine(eng, args.tokens, D, "cuda", torch.bfloat16)
-            phase(f"indexsel-graph{i}", step)
-            eng.graphs.release()
+            eager_and_graphed("indexsel", i)
             dispatch.SCATTER["enabled"] = True
         if not args.no_dense:
             phase(f"dense-graph{i}", dense_step(dense_graphed))
