@@ -362,7 +362,9 @@ def _hf_generate(model, input_ids, mask, cfg: GenerateConfig, eos_ids, pad, time
     import copy
 
     gen = copy.deepcopy(model.generation_config)  # every setting through one config (transformers warns on a mix)
-    gen.eos_token_id = eos_ids or None
+    # an empty list, not None: transformers 5 fills a None from the model's own generation config, which
+    # would stop at EOS after all when stop_at_eos is off
+    gen.eos_token_id = list(eos_ids)
     gen.pad_token_id = pad
     gen.max_new_tokens, gen.do_sample = cfg.max_new_tokens, cfg.do_sample
     gen.temperature, gen.top_k, gen.top_p = (cfg.temperature, cfg.top_k, cfg.top_p) if cfg.do_sample else (None, None, None)

@@ -114,6 +114,26 @@ def test_me_generate_from_a_model_directory(tiny_dir):
     assert again.texts is None and again.token_ids[0] == result.token_ids[1]
 
 
+def test_stop_at_eos_off_decodes_past_the_eos_token():
+    """``stop_at_eos=False`` keeps decoding after an EOS, as stock transformers does for a model whose EOS
+    never comes; on (the default) the row ends at its EOS. transformers 5 fills a generation config's None
+    from the model's own, so the off setting has to be passed as an explicit "no EOS"."""
+    stock, patched = _pair("olmoe")
+    ids = _prompt(stock.config.vocab_size)
+    for unused in range(stock.config.vocab_size - 1, 0, -1):  # an EOS the greedy decode never meets
+        stock.generation_config.eos_token_id = unused
+        ref = stock.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+        if unused not in sum(ref, []):
+            break
+    ref = [row[ids.shape[1]:] for row in ref]
+    eos = ref[0][3]
+    patched.generation_config.eos_token_id = eos
+    off = me.generate(patched, ids, max_new_tokens=12, stop_at_eos=False, device="cpu")
+    assert off.token_ids == ref
+    on = me.generate(patched, ids, max_new_tokens=12, device="cpu")
+    assert on.token_ids[0] == ref[0][: ref[0].index(eos) + 1]
+
+
 def test_generate_refuses_bad_settings_and_inputs(tiny_dir):
     with pytest.raises(ConfigError, match="max_new_tokens"):
         me.generate(tiny_dir, "x", max_new_tokens=0)
