@@ -12,6 +12,9 @@ GPU, round-robin rounds of ~100 ms per variant, the median kept:
   - ``dense``: the dense-active GEMM of the same FLOPs (``torch.mm``);
   - ``grouped_mm``: ``F.grouped_mm`` on the routed, unpadded rows, exactly as the engine calls it;
   - ``deepgemm``: DeepGEMM on the same rows in its padded layout (the padding rows are computed, and counted);
+  - ``deepgemm psum`` (forward and input gradients): as the engine calls it (``moe/deepgemm_gemm.py``): the same
+    padded rows in a buffer of the fixed size ``A + E * 127 + 1`` whatever the routing, each expert's end row
+    given ("psum" layout), so the unused tail is not computed;
 and each DeepGEMM output against ``F.grouped_mm``'s on the real rows (max |diff| relative to the largest value).
 DeepGEMM is not on the GPU image: ``--deepgemm DIR`` is a source tree built beside it (NOTES.md says how).
 
@@ -75,13 +78,30 @@ def run_shape(dg, name, dims, tokens, rounds, rep_ms, compile_only, log) -> dict
         "wgrad_in": lambda: dg.k_grouped_bf16_gemm_tn_contiguous(h, x, outs["wgrad_in"], aligned, ks_tensor, outs["wgrad_in"]),
         "wgrad_out": lambda: dg.k_grouped_bf16_gemm_tn_contiguous(g, hf, outs["wgrad_out"], aligned, ks_tensor, outs["wgrad_out"]),
     }
-    res = {"dims": {"D": D, "F": Fe, "E": E, "K": K, "tokens": tokens}, "alignment": align,
+    rows = A + E * (align - 1) + 1  # the engine's fixed buffer (dispatch.py, aligned groups)
+    starts = torch.tensor([0] + aligned[:-1], device=dev).cumsum(0)
+    ends_E = (starts + torch.tensor(sizes, device=dev)).to(torch.int32)
+
+    def tail(t_MX):
+        return torch.cat([t_MX, torch.zeros(rows - Mp, t_MX.shape[1], dtype=t_MX.dtype, device=dev)])
+
+    xb, hb, hfb, gb = tail(x), tail(h), tail(hf), tail(g)
+    big = {k: torch.empty(rows, outs[k].shape[1], dtype=dt, device=dev) for k in ("fwd_in", "fwd_out", "dgrad_out", "dgrad_in")}
+    psum = {
+        "fwd_in": lambda: dg.m_grouped_bf16_gemm_nt_contiguous(xb, w_in, big["fwd_in"], ends_E, use_psum_layout=True),
+        "fwd_out": lambda: dg.m_grouped_bf16_gemm_nt_contiguous(hfb, w_out, big["fwd_out"], ends_E, use_psum_layout=True),
+        "dgrad_out": lambda: dg.m_grouped_bf16_gemm_nn_contiguous(gb, w_out, big["dgrad_out"], ends_E, use_psum_layout=True),
+        "dgrad_in": lambda: dg.m_grouped_bf16_gemm_nn_contiguous(hb, w_in, big["dgrad_in"], ends_E, use_psum_layout=True),
+    }
+    res = {"dims": {"D": D, "F": Fe, "E": E, "K": K, "tokens": tokens}, "alignment": align, "engine_buffer_rows": rows,
            "padding_rows_share": (Mp - A) / Mp, "gemms": {}}
     log(f"{name}: D {D} F {Fe} E {E} k {K}; DeepGEMM alignment {align}, {100 * (Mp - A) / Mp:.1f}% padding rows")
     for label, call in calls.items():
         if label.startswith("wgrad"):
             outs[label].zero_()
         call()  # the first call compiles the kernel (nvcc, cached in DG_JIT_CACHE_DIR)
+        if label in psum:
+            psum[label]()
         if compile_only:
             continue
         want = ops.grouped[label](ops.offs).float()
@@ -89,14 +109,20 @@ def run_shape(dg, name, dims, tokens, rounds, rep_ms, compile_only, log) -> dict
         err = float((got - want).abs().max() / want.abs().max())
         variants = {"dense": lambda: torch.mm(*ops.dense[label]), "grouped_mm": lambda: ops.grouped[label](ops.offs),
                     "deepgemm": call}
+        if label in psum:
+            variants["deepgemm psum"] = psum[label]
         times = round_robin(variants, rounds, rep_ms)
         row = {k: statistics.median(v) for k, v in times.items()}
         row["spread"] = {k: [min(v), max(v)] for k, v in times.items()}
         row["deepgemm_vs_grouped_mm_rel_diff"] = err
+        if label in psum:
+            row["deepgemm_psum_vs_grouped_mm_rel_diff"] = float((big[label][real_A].float() - want).abs().max() / want.abs().max())
         res["gemms"][label] = row
         log(f"  {label:9s} " + "  ".join(f"{k} {row[k]:.3f}" for k in variants) + f"  (rel diff {err:.1e})")
     if not compile_only:
         res["totals_ms"] = {k: sum(r[k] for r in res["gemms"].values()) for k in ("dense", "grouped_mm", "deepgemm")}
+        # what the engine runs with DeepGEMM enabled: its m-grouped kernels in the psum layout, F.grouped_mm's weight gradients
+        res["totals_ms"]["engine on deepgemm"] = sum(r.get("deepgemm psum", r["grouped_mm"]) for r in res["gemms"].values())
         log("  six GEMMs: " + ", ".join(f"{k} {v:.3f}" for k, v in res["totals_ms"].items()))
     return res
 

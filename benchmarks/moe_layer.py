@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_engine.moe import cutlass_gemm, dispatch  # noqa: E402
+from moe_engine.moe import cutlass_gemm, deepgemm_gemm, dispatch  # noqa: E402
 from moe_engine.moe.graphs import MoEGraphs  # noqa: E402
 from moe_engine.moe import router_kernels  # noqa: E402
 from moe_engine.moe import swiglu as swiglu_mod  # noqa: E402
@@ -220,10 +220,15 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
     variants["dense (fused SwiGLU)"] = lambda: DenseSwiGLU(D, K * F_, fused=True).to(device, dtype)
     if cutlass_gemm.loaded():  # --cutlass: the expert GEMMs on the per-shape tuned CUTLASS kernels
         variants["engine (CUTLASS tuned)"] = lambda: engine
+    if "module" in deepgemm_gemm._state:  # --deepgemm: forward and input gradients on DeepGEMM, aligned groups
+        variants["engine (aligned groups, grouped_mm)"] = lambda: engine  # the layout alone, on F.grouped_mm
+        variants["engine (DeepGEMM m-grouped)"] = lambda: engine
     if device.type == "cuda":  # the training step replayed from CUDA graphs, the dense baseline likewise
         variants["engine (CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
         if cutlass_gemm.loaded():
             variants["engine (CUTLASS tuned, CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
+        if "module" in deepgemm_gemm._state:
+            variants["engine (DeepGEMM m-grouped, CUDA graph)"] = lambda: graphed_engine(engine, tokens, D, device, dtype)
         variants["dense (fused SwiGLU, CUDA graph)"] = lambda: torch.cuda.make_graphed_callables(
             DenseSwiGLU(D, K * F_, fused=True).to(device, dtype),
             (torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True),))
@@ -243,6 +248,8 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
         row = {}
         swiglu_mod.FUSED["enabled"] = "eager SwiGLU" not in vname
         cutlass_gemm.SWITCH["enabled"] = "CUTLASS" in vname
+        deepgemm_gemm.SWITCH["enabled"] = "DeepGEMM" in vname
+        dispatch.ALIGN["rows"] = deepgemm_gemm.ALIGN if "aligned groups" in vname else 0
         router_kernels.FUSED["enabled"] = "PyTorch router" not in vname
         if "int64 sort keys" in vname:
             dispatch.sort_key_dtype = lambda num_ids: torch.int64
@@ -286,6 +293,8 @@ def run_shape(name, dims, tokens, device, dtype, reps, include_ds, log, only=Non
                 engine.graphs.release()
             swiglu_mod.FUSED["enabled"] = True
             cutlass_gemm.SWITCH["enabled"] = True
+            deepgemm_gemm.SWITCH["enabled"] = True
+            dispatch.ALIGN["rows"] = 0
             router_kernels.FUSED["enabled"] = True
             dispatch.sort_key_dtype = narrow_keys
             dispatch.SCATTER["enabled"] = True
@@ -331,9 +340,13 @@ def main(argv=None):
     ap.add_argument("--cutlass", type=Path, help="a CUTLASS checkout: adds the engine on the tuned CUTLASS kernels")
     ap.add_argument("--cutlass-build", type=Path, default=Path(".cache/moe-lab-kernels"),
                     help="where the CUTLASS kernels are built and kept (default .cache/moe-lab-kernels)")
+    ap.add_argument("--deepgemm", type=Path, help="a DeepGEMM source tree (with submodules): adds the engine with its "
+                    "forward and input-gradient GEMMs on DeepGEMM (moe/deepgemm_gemm.py)")
     args = ap.parse_args(argv)
     if args.cutlass:
         cutlass_gemm.enable(args.cutlass, args.cutlass_build)
+    if args.deepgemm:
+        deepgemm_gemm.enable(args.deepgemm, args.cutlass_build)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_layer import SHAPES, DenseSwiGLU, engine_train_step, environment, graphed_engine  # noqa: E402
-from moe_engine.moe import cutlass_gemm, dispatch  # noqa: E402
+from moe_engine.moe import cutlass_gemm, deepgemm_gemm, dispatch  # noqa: E402
 
 
 def power_in(log: Path, t0: float, t1: float) -> str:
@@ -82,6 +82,8 @@ def ratios(recs: list[dict]) -> dict:
             best["engine with the index_select permute"] = min(med[v] for v in med if v.startswith("indexsel"))
         if any(v.startswith("cutlass") for v in med):
             best["engine on tuned CUTLASS"] = min(med[v] for v in med if v.startswith("cutlass"))
+        if any(v.startswith("deepgemm") for v in med):
+            best["engine on DeepGEMM"] = min(med[v] for v in med if v.startswith("deepgemm"))
         out[f"{key[0]} T={key[1]}"] = {"ms": med, **{f"{k} vs dense": b / dense for k, b in best.items()}}
     return out
 
@@ -96,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--power-log", type=Path, help="nvidia-smi csv written beside this run (see above)")
     ap.add_argument("--cutlass", type=Path, help="a CUTLASS checkout: adds phases on the tuned CUTLASS expert GEMMs")
     ap.add_argument("--cutlass-build", type=Path, default=Path(".cache/moe-lab-kernels"))
+    ap.add_argument("--deepgemm", type=Path, help="a DeepGEMM source tree: adds phases with the forward and input-gradient "
+                    "GEMMs on DeepGEMM (aligned groups)")
     ap.add_argument("--index-select", action="store_true",
                     help="adds phases with the forward permute as an index_select (the before of dispatch_kernels.scatter_rows)")
     ap.add_argument("--out", type=Path, help="also write the phases, the environment and the ratios as JSON")
@@ -105,6 +109,9 @@ def main(argv=None):
     if args.cutlass:
         cutlass_gemm.enable(args.cutlass, args.cutlass_build)
     cutlass_gemm.SWITCH["enabled"] = False
+    if args.deepgemm:
+        deepgemm_gemm.enable(args.deepgemm, args.cutlass_build)
+    deepgemm_gemm.SWITCH["enabled"] = False
     eng, step = engine_train_step(args.shape, args.tokens)
     torch.manual_seed(0)
     dense = DenseSwiGLU(D, K * F_, fused=True).cuda().to(torch.bfloat16)
@@ -158,6 +165,10 @@ def main(argv=None):
             cutlass_gemm.SWITCH["enabled"] = True
             eager_and_graphed("cutlass", i)
             cutlass_gemm.SWITCH["enabled"] = False
+        if args.deepgemm:  # the same layer with its forward and input-gradient GEMMs on DeepGEMM
+            deepgemm_gemm.SWITCH["enabled"] = True
+            eager_and_graphed("deepgemm", i)
+            deepgemm_gemm.SWITCH["enabled"] = False
         if args.index_select:  # the same layer before the scatter permute, eager and graphed
             dispatch.SCATTER["enabled"] = False
             eager_and_graphed("indexsel", i)

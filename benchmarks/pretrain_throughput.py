@@ -19,9 +19,10 @@ GPU, DeepSpeed's all-reduce of every gradient with itself left on: the before of
 ``eagernorm`` (``fused_norms: false``: transformers' eager RMSNorms instead of ``models/norms.py``'s kernels: the before of that),
 ``indexsel`` (the forward permute as an ``index_select`` instead of ``dispatch_kernels.scatter_rows``: the before of that),
 ``graphs`` (``cuda_graphs: true``: the MoE layers replayed from CUDA graphs after step 1; a no-op for dense models),
-``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too) and
+``bf16moments`` (``moment_dtype: bf16``: AdamW's moments stored in bf16, with ``z0``; dense runs take it too),
 ``cutlass`` (the expert GEMMs on the per-shape tuned CUTLASS kernels of ``moe/cutlass_gemm.py``, built from the
-CUTLASS checkout in ``$CUTLASS_DIR``; a no-op for dense models).
+CUTLASS checkout in ``$CUTLASS_DIR``; a no-op for dense models) and ``deepgemm`` (the expert GEMMs' forward and input
+gradients on DeepGEMM, ``moe/deepgemm_gemm.py``, from the source tree in ``$DEEPGEMM_DIR``; a no-op for dense models).
 
     # one process, runs in the order given (interleave MoE and dense so drift hits both)
     python benchmarks/pretrain_throughput.py --data D --out rows/ --runs moe dense-active moe:ga4 dense-active:ga4
@@ -81,7 +82,7 @@ def parse_run(name: str) -> dict:
     spec = {"name": name, "dense": MODELS[model], "grad_accum": 1, "ep_size": 1, "fused": True, "profile": False, "zero": 1,
             "fused_router": True, "fused_monitor": True, "f32acc": False,
             "dssync": False, "selfreduce": False, "int64sort": False, "graphs": False, "bf16moments": False,
-            "cutlass": False, "eagernorm": False, "indexsel": False}
+            "cutlass": False, "deepgemm": False, "eagernorm": False, "indexsel": False}
     for opt in options:
         if opt.startswith("ga") and opt[2:].isdigit():
             spec["grad_accum"] = int(opt[2:])
@@ -95,12 +96,13 @@ def parse_run(name: str) -> dict:
             spec["fused_router"] = False
         elif opt == "unfusedmonitor":
             spec["fused_monitor"] = False
-        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass", "eagernorm", "indexsel"):
+        elif opt in ("f32acc", "dssync", "selfreduce", "int64sort", "graphs", "bf16moments", "cutlass", "deepgemm", "eagernorm",
+                     "indexsel"):
             spec[opt] = True
         elif opt.startswith("z") and opt[1:] in ("0", "1", "2"):
             spec["zero"] = int(opt[1:])
         else:
-            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass, eagernorm, indexsel)")
+            raise SystemExit(f"run {name!r}: unknown option {opt!r} (gaN, epN, z0, z1, z2, foreach, profile, torchrouter, unfusedmonitor, f32acc, dssync, selfreduce, int64sort, graphs, bf16moments, cutlass, deepgemm, eagernorm, indexsel)")
     return spec
 
 
@@ -132,11 +134,17 @@ def run_one(args, spec: dict, out_dir: Path, index: int) -> None:
         from moe_engine.moe import cutlass_gemm
 
         cutlass_gemm.enable(os.environ["CUTLASS_DIR"], Path(".cache/moe-lab-kernels"))
+    if spec["deepgemm"]:
+        from moe_engine.moe import deepgemm_gemm
+
+        deepgemm_gemm.enable(os.environ["DEEPGEMM_DIR"], Path(".cache/moe-lab-kernels"))
     try:
         _run_one(args, spec, out_dir, index, Trainer, environment)
     finally:
         if spec["cutlass"]:
             cutlass_gemm.disable()
+        if spec["deepgemm"]:
+            deepgemm_gemm.disable()
         router_kernels.FUSED.update(enabled=True, monitor=True)
         loop_mod.TrainLoop._ds_config, loop_mod.TrainLoop._reduces_gradients = ds_config, reduces
         dispatch.sort_key_dtype = narrow_keys
@@ -173,7 +181,8 @@ def _run_one(args, spec, out_dir, index, Trainer, environment) -> None:
             "run": spec["name"], "order": index, "arch": args.arch, "preset": args.preset, "dense_baseline": spec["dense"],
             "fused_adamw": spec["fused"], "fused_router": spec["fused_router"], "fused_monitor": spec["fused_monitor"], "fp32_grad_accum": spec["f32acc"],
             "deepspeed_timer_syncs": spec["dssync"], "self_all_reduce": spec["selfreduce"], "int64_sort_keys": spec["int64sort"],
-            "cuda_graphs": spec["graphs"], "fused_norms": not spec["eagernorm"], "moment_dtype": "bf16" if spec["bf16moments"] else "float32",
+            "cuda_graphs": spec["graphs"], "expert_gemms": "deepgemm" if spec["deepgemm"] else "cutlass" if spec["cutlass"] else "torch",
+            "fused_norms": not spec["eagernorm"], "moment_dtype": "bf16" if spec["bf16moments"] else "float32",
             "zero_stage": spec["zero"], "profiled_steps": spec["profile"], "world_size": world, "ep_size": spec["ep_size"],
             "micro_batch_size": args.micro_batch_size, "grad_accum": spec["grad_accum"], "seq_len": seq_len,
             "steps": steps, "timed_steps": args.measure,
@@ -207,8 +216,8 @@ def run(args) -> int:
 
 
 BEFORE_OPTIONS = {"torchrouter", "unfusedmonitor", "dssync", "selfreduce", "int64sort", "eagernorm", "indexsel"}  # code as it was before a change
-AFTER_OPTIONS = {"graphs", "bf16moments", "cutlass"}  # opt-in features: compared with the same run without them
-MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs", "cutlass"}  # dense models have no router (nothing to graph): their pair is the run without it
+AFTER_OPTIONS = {"graphs", "bf16moments", "cutlass", "deepgemm"}  # opt-in features: compared with the same run without them
+MOE_ONLY_OPTIONS = {"torchrouter", "unfusedmonitor", "int64sort", "graphs", "cutlass", "deepgemm"}  # dense models have no router (nothing to graph): their pair is the run without it
 
 
 def _options(run: str) -> str:

@@ -134,28 +134,29 @@ def combine_backward(g_TD, src_AD, idx_A, w_TK):
     return grad_src_AD, grad_w_TK
 
 
-def scatter_rows_reference(x_TD, idx_A, top_k):
-    out_AD = x_TD.new_empty(idx_A.numel(), x_TD.shape[-1])
+def scatter_rows_reference(x_TD, idx_A, top_k, rows=None):
+    out_AD = x_TD.new_empty(rows or idx_A.numel(), x_TD.shape[-1])
     out_AD[idx_A] = x_TD.repeat_interleave(top_k, dim=0)
     return out_AD
 
 
-def scatter_rows(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int) -> torch.Tensor:
+def scatter_rows(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int, rows: int | None = None) -> torch.Tensor:
     """``out_AD[idx_A[t*K + k]] = x_TD[t]`` for a permutation ``idx_A`` of the A = T*K rows: equals
     ``x_TD.index_select(0, order_A // K)`` bit for bit (``idx_A`` the inverse of ``order_A``; every row is
-    written once, no atomics) but reads T x D instead of A x D."""
+    written once, no atomics) but reads T x D instead of A x D. ``rows`` > A: a buffer of that many rows
+    (aligned groups), the rows ``idx_A`` does not name left as they are."""
     if not use_triton(x_TD):
-        return scatter_rows_reference(x_TD, idx_A, top_k)
-    return scatter_rows_triton(x_TD, idx_A, top_k)
+        return scatter_rows_reference(x_TD, idx_A, top_k, rows)
+    return scatter_rows_triton(x_TD, idx_A, top_k, rows)
 
 
-def scatter_rows_triton(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int) -> torch.Tensor:
+def scatter_rows_triton(x_TD: torch.Tensor, idx_A: torch.Tensor, top_k: int, rows: int | None = None) -> torch.Tensor:
     """The Triton kernel of ``scatter_rows`` on any device Triton runs on (the tests run it in Triton's
     CPU interpreter too)."""
     triton, _, _, kernel = _triton_kernels()
     x_TD, idx_A = x_TD.contiguous(), idx_A.contiguous()
     num_tokens, dim = x_TD.shape
-    out_AD = x_TD.new_empty(num_tokens * top_k, dim)
+    out_AD = x_TD.new_empty(rows or num_tokens * top_k, dim)
     block = min(1024, triton.next_power_of_2(dim))
     kernel[(num_tokens, triton.cdiv(dim, block))](x_TD, idx_A, out_AD, dim, K=top_k, BLOCK_D=block)
     return out_AD

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_engine.moe import cutlass_gemm
+from moe_engine.moe import cutlass_gemm, deepgemm_gemm, dispatch
 from moe_engine.moe.dispatch import DispatchPlan
 from moe_engine.moe.swiglu import swiglu
 
@@ -175,15 +175,24 @@ def _use_grouped_mm(x_AD: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+def row_alignment(x_TD: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
+    """Rows each expert group of a token-choice dispatch must start on for these weights (0: any):
+    DeepGEMM's block once ``deepgemm_gemm.enable`` ran, or what ``dispatch.ALIGN`` asks for."""
+    return max(dispatch.ALIGN["rows"], deepgemm_gemm.row_alignment(x_TD, w_in_EHD, w_out_EDF))
+
+
 def grouped_linear(x_AD: torch.Tensor, w_EOI: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
     """y[a] = x[a] @ w[e(a)].T for rows sorted by expert; rows past the last group are left
-    undefined on the GPU path (they belong to dropped assignments and are masked later)."""
+    undefined on the GPU path (they belong to dropped assignments and are masked later). With aligned
+    groups (``p.aligned``) the zero padding rows inside groups give zero rows."""
     if _use_grouped_mm(x_AD, w_EOI):
+        if p.aligned and deepgemm_gemm.usable(x_AD, w_EOI):  # deepgemm_gemm.enable(...) was called
+            return deepgemm_gemm.grouped_linear(x_AD, w_EOI, p)
         if cutlass_gemm.usable(x_AD, w_EOI):  # cutlass_gemm.enable(...) was called: the per-shape tuned kernels
             return cutlass_gemm.grouped_linear(x_AD, w_EOI, p.offsets_E)
         return F.grouped_mm(x_AD, w_EOI.transpose(-2, -1), offs=p.offsets_E)
     # Portable path: one GEMM per expert over its contiguous rows (one host sync for the sizes).
-    sizes = p.counts_E.tolist()
+    sizes = p.group_rows_E.tolist()
     tail = x_AD.shape[0] - sum(sizes)
     chunks = x_AD.split(sizes + [tail])
     outs = [chunk @ w_EOI[e].t() for e, chunk in enumerate(chunks[:-1])]

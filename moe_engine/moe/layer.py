@@ -29,7 +29,9 @@ from torch.utils.hooks import RemovableHandle
 
 from moe_engine.moe import decode, dispatch
 from moe_engine.moe.expert_parallel import ExpertParallel, ep_routed_experts
-from moe_engine.moe.experts import Experts, activation, expert_lora, expert_mlp, expert_weights, fetch_experts
+from moe_engine.moe.experts import (
+    Experts, activation, expert_lora, expert_mlp, expert_weights, fetch_experts, row_alignment,
+)
 from moe_engine.moe.losses import AttachAuxLoss
 from moe_engine.moe.router import Router, RouterConfig
 from moe_engine.moe.routing import Routing, routing_stats
@@ -266,7 +268,8 @@ class MoELayer(nn.Module):
                 x_TD, slot_A.view(-1, top_k), routing.weight_A.view(-1, top_k), w_in, w_out, gated, self.act
             )
             return out_TD, None
-        plan = dispatch.plan(slot_A, slots.num_slots, may_drop=routing.may_drop)
+        align = row_alignment(x_TD, w_in, w_out) if routing.token_major else 0
+        plan = dispatch.plan(slot_A, slots.num_slots, may_drop=routing.may_drop, align=align)
         if routing.token_major:
             x_AD = dispatch.permute(x_TD, plan, routing.top_k)
             y_AD = expert_mlp(x_AD, plan, w_in, w_out, gated, self.act, self.expert_dropout, self.training, lora)

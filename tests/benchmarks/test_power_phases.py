@@ -22,13 +22,14 @@ LINES = [
     "PHASE olmoe-like graph2 142.0 147.0 ms/step 9.600",
     "PHASE olmoe-like cutlass-graph1 149.0 154.0 ms/step 9.000",
     "PHASE olmoe-like indexsel-graph1 156.0 161.0 ms/step 9.900",
+    "PHASE olmoe-like deepgemm1 163.0 168.0 ms/step 9.300",
     "T=32768 PHASE switch-like eager1 1.0 2.0 ms/step 6.000",
 ]
 
 
 def test_phase_lines_become_records_and_ratios_to_the_best_dense_median():
     recs = power_phases.records(LINES, tokens=16384)
-    assert len(recs) == 10
+    assert len(recs) == 11
     assert recs[0] == {"shape": "olmoe-like", "tokens": 16384, "variant": "eager", "round": 1, "ms_per_step": 10.0,
                        "power_w": 680.0, "sm_mhz": 1550.0}
     assert recs[3]["variant"] == "dense-graph" and recs[3]["power_w"] is None
@@ -40,6 +41,7 @@ def test_phase_lines_become_records_and_ratios_to_the_best_dense_median():
     assert olmoe["engine vs dense"] == pytest.approx(9.7 / 8.2)
     assert olmoe["engine on tuned CUTLASS vs dense"] == pytest.approx(9.0 / 8.2)
     assert olmoe["engine with the index_select permute vs dense"] == pytest.approx(9.9 / 8.2)
+    assert olmoe["engine on DeepGEMM vs dense"] == pytest.approx(9.3 / 8.2)
     assert r["switch-like T=32768"] == {"ms": {"eager": 6.0}}  # no dense phase, no ratio
 
 

@@ -69,3 +69,58 @@ def test_dropped_rows_get_no_input_gradient_even_if_their_gradient_rows_are_garb
     kept_A = expert_idx_A < 2
     expected_TD = torch.zeros(3, 4).index_add_(0, torch.arange(6)[kept_A] // 2, grad_AD[p.inverse_A][kept_A])
     torch.testing.assert_close(x_TD.grad, expected_TD)
+
+
+@pytest.mark.parametrize("num_experts,top_k,align,drop", [(3, 2, 4, False), (8, 2, 16, True), (16, 8, 8, False),
+                                                           (5, 1, 128, True)])
+def test_aligned_plan_puts_each_group_on_a_multiple_and_names_every_padding_row(num_experts, top_k, align, drop):
+    """Aligned groups: group e starts on a multiple of ``align`` and holds its tokens in sorted order, then
+    padding up to the next multiple; ``pad_rows_P`` is every padding row plus distinct tail rows; dropped rows
+    follow the last group; counts and token order are those of the unaligned plan."""
+    T, E = 64, num_experts
+    g = torch.Generator().manual_seed(align + E)
+    idx_A = torch.randint(0, E + (1 if drop else 0), (T * top_k,), generator=g)
+    p, q = dispatch.plan(idx_A, E, may_drop=drop, align=align), dispatch.plan(idx_A, E, may_drop=drop)
+    A = T * top_k
+    assert p.aligned and p.rows == A + E * (align - 1) + 1
+    assert torch.equal(p.counts_E, q.counts_E) and torch.equal(p.order_A, q.order_A)
+    group_rows = p.group_rows_E.tolist()
+    starts = [0] + p.offsets_E.tolist()[:-1]
+    assert all(s % align == 0 for s in starts) and all(r % align == 0 for r in group_rows)
+    tokens = p.counts_E.tolist()
+    assert p.ends_E.tolist() == [s + n for s, n in zip(starts, tokens)]
+    place_A = p.inverse_A  # each assignment's row: its expert's start plus its rank there (the unaligned rank)
+    for a in range(A):
+        e = int(idx_A[a])
+        if e < E:
+            assert starts[e] <= place_A[a] < starts[e] + tokens[e]
+            assert place_A[a] - starts[e] == q.inverse_A[a] - (q.offsets_E[e] - q.counts_E[e])
+        else:
+            assert p.offsets_E[-1] <= place_A[a] < p.rows - 1
+    padding = {r for s, n, m in zip(starts, tokens, group_rows) for r in range(s + n, s + m)}
+    pad_rows = p.pad_rows_P.tolist()
+    assert len(pad_rows) == len(set(pad_rows)) == E * (align - 1)
+    used = set(place_A.tolist())
+    assert padding <= set(pad_rows) and not (set(pad_rows) & used) and max(pad_rows) < p.rows - 1
+    if drop:
+        assert p.valid_A.tolist() == [r in used and r < p.offsets_E[-1] for r in range(p.rows)]
+
+
+def test_aligned_permute_zeroes_padding_and_its_gradients_equal_the_unaligned_ones():
+    E, K, T = 6, 2, 40
+    idx_A = torch.randint(0, E + 1, (T * K,), generator=torch.Generator().manual_seed(5))
+    p, q = dispatch.plan(idx_A, E, may_drop=True, align=8), dispatch.plan(idx_A, E, may_drop=True)
+    x_TD = torch.randn(T, 4, dtype=torch.float64, requires_grad=True)
+    x_MD = dispatch.permute(x_TD, p, K)
+    assert x_MD.shape == (p.rows, 4) and (x_MD[p.pad_rows_P] == 0).all()
+    assert torch.equal(x_MD[p.inverse_A], dispatch.permute(x_TD, q, K)[q.inverse_A])
+    w_A = torch.rand(T * K, dtype=torch.float64)
+    y_MD = torch.randn(p.rows, 4, dtype=torch.float64, requires_grad=True)
+    y_MD.data[~p.valid_A] = float("nan")  # padding, dropped and tail rows: never computed
+    out = dispatch.unpermute(y_MD, w_A, p, K)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(out).all() and (y_MD.grad[p.pad_rows_P] == 0).all()
+    y_AD = y_MD.detach()[p.inverse_A][q.inverse_A.argsort()]  # the same rows in the unaligned order
+    torch.testing.assert_close(out, dispatch.unpermute(y_AD.nan_to_num(0.0), w_A, q, K))
+    kept = dispatch.plan(idx_A.clamp(max=E - 1), E, may_drop=False, align=8)  # dropped rows get no gradient
+    assert torch.autograd.gradcheck(lambda x: dispatch.permute(x, kept, K)[kept.inverse_A], (x_TD,))

@@ -25,7 +25,7 @@ CASES = [(37, 96, 8, 2, True), (29, 32, 16, 8, False), (40, 1100, 4, 1, False), 
 @pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda" or INTERPRETED, reason="the kernel runs directly here")
 def test_in_triton_interpreter(run_in_triton_interpreter):
     summary = run_in_triton_interpreter(__file__, "not test_in_triton_interpreter")
-    assert re.search(r"\b9 passed, 2 skipped\b", summary), summary  # skipped: the two CUDA-only permute tests
+    assert re.search(r"\b11 passed, 2 skipped\b", summary), summary  # skipped: the two CUDA-only permute tests
 
 
 def _routing(T, E, K, may_drop, device=DEVICE):
@@ -61,6 +61,20 @@ def test_kernel_reads_a_strided_input_as_its_values():
     p = _routing(16, 8, 2, False)
     x_DT = torch.randn(64, 16, device=DEVICE)
     assert torch.equal(dk.scatter_rows_triton(x_DT.t(), p.inverse_A, 2), x_DT.t().index_select(0, p.order_A // 2))
+
+
+@kernel_test
+@pytest.mark.parametrize("may_drop", [False, True])
+def test_kernel_fills_an_aligned_buffer_as_the_reference_does(may_drop):
+    """Aligned groups (rows > A): every named row written at its place, the others left alone."""
+    T, E, K = 33, 6, 2
+    expert_A = _routing(T, E, K, may_drop, device="cpu").order_A  # any assignment-to-expert map will do
+    p = dispatch.plan((expert_A % (E + int(may_drop))).to(DEVICE), E, may_drop, align=16)
+    x_TD = torch.randn(T, 40, device=DEVICE)
+    out = dk.scatter_rows_triton(x_TD, p.inverse_A, K, p.rows)
+    ref = dk.scatter_rows_reference(x_TD.cpu(), p.inverse_A.cpu(), K, p.rows)
+    assert out.shape == ref.shape == (p.rows, 40)
+    assert torch.equal(out[p.inverse_A].cpu(), ref[p.inverse_A.cpu()])
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or not HAS_TRITON, reason="the layer takes the kernel on CUDA only")

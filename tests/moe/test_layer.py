@@ -55,6 +55,35 @@ def test_layer_matches_float64_reference(rc, gated):
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
 
+@pytest.mark.parametrize("rc", ROUTERS, ids=lambda rc: rc.kind)
+def test_aligned_groups_give_the_unaligned_layer_outputs_and_gradients(rc, monkeypatch):
+    """``dispatch.ALIGN`` pads every expert group to a multiple of 16 rows (DeepGEMM's layout, here on the
+    portable path): the same outputs, input and weight gradients in float64 (drops included; expert-choice
+    routing is not aligned and must not change either)."""
+    from moe_engine.moe import dispatch
+
+    layer = MoEConfig(hidden_size=16, ffn_size=24, router=rc).build().double()
+    x_BSD = torch.randn(3, 10, 16, dtype=torch.float64)
+    plans, make_plan = [], dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda *a, **k: plans.append(make_plan(*a, **k)) or plans[-1])
+    results = []
+    for rows in (0, 16):
+        monkeypatch.setitem(dispatch.ALIGN, "rows", rows)
+        layer.zero_grad()
+        x = x_BSD.clone().requires_grad_(True)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad, *(p.grad.clone() for p in layer.parameters() if p.grad is not None)))
+        results.append(layer.last_tokens_per_expert.clone())
+    (plain, *plain_grads), plain_counts, (aligned, *aligned_grads), aligned_counts = results
+    torch.testing.assert_close(aligned, plain, rtol=1e-12, atol=1e-12)
+    assert len(aligned_grads) == len(plain_grads) >= 3
+    for a, b in zip(aligned_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(aligned_counts, plain_counts)
+    assert [q.aligned for q in plans] == [False, rc.kind != "expert_choice"]
+
+
 def test_shared_expert_with_sigmoid_gate_matches_reference():
     layer = MoEConfig(hidden_size=16, ffn_size=24, shared_expert_size=32, shared_expert_gate=True).build().eval()
     x_BSD = torch.randn(2, 7, 16)
