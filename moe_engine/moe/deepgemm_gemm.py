@@ -53,7 +53,9 @@ def usable(x_MI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     """Whether ``grouped_linear`` runs this GEMM on DeepGEMM: enabled, bf16 on CUDA, and every dimension
     DeepGEMM's TMA descriptors and 64-wide K blocks take (for the input-gradient GEMM too)."""
     return (enabled() and x_MI.is_cuda and x_MI.dtype == torch.bfloat16 and w_EOI.dtype == torch.bfloat16
-            and w_EOI.shape[1] % 64 == 0 and w_EOI.shape[2] % 64 == 0)
+            and w_EOI.shape[1] % 64 == 0 and w_EOI.shape[2] % 64 == 0
+            and x_MI.device.index == torch.cuda.current_device()  # DeepGEMM launches on the current device
+            and _state["module"].get_mk_alignment_for_contiguous_layout() == ALIGN)  # a global others may set
 
 
 def row_alignment(x_TD: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
@@ -115,8 +117,8 @@ load(name="_C", sources=[src + "/csrc/python_api.cpp"], build_directory=stage + 
 
 def _digest(src: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted([*(src / "csrc").rglob("*"), *(src / "deep_gemm").rglob("*.py")]):
-        if f.is_file():
+    for f in sorted([*(src / "csrc").rglob("*"), *(src / "deep_gemm").rglob("*")]):
+        if f.is_file() and not f.is_symlink() and f.suffix not in (".so", ".pyc"):
             h.update(str(f.relative_to(src)).encode() + f.read_bytes())
     return h.hexdigest()[:10]
 
@@ -171,7 +173,11 @@ def enable(deepgemm_dir: str | Path, build_dir: str | Path) -> None:
                                   + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"))
     stage = build(deepgemm_dir, build_dir)
     os.environ.setdefault("DG_JIT_CACHE_DIR", str(Path(build_dir).resolve() / "jit"))
-    if "deep_gemm" not in sys.modules:
+    loaded = sys.modules.get("deep_gemm")
+    if loaded is not None and Path(loaded.__file__).resolve().parent != (stage / "deep_gemm").resolve():
+        raise DeepGemmUnavailable(f"another deep_gemm is already imported ({loaded.__file__}); enable() loads the one "
+                                  f"it builds ({stage}): call it before anything imports deep_gemm")
+    if loaded is None:
         spec = importlib.util.spec_from_file_location("deep_gemm", stage / "deep_gemm" / "__init__.py",
                                                       submodule_search_locations=[str(stage / "deep_gemm")])
         module = importlib.util.module_from_spec(spec)

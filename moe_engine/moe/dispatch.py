@@ -40,9 +40,11 @@ class DispatchPlan:
     valid_A: torch.Tensor | None  # bool per row of the sorted buffers; None when nothing can be dropped
     # aligned groups only (see the module docstring), all None otherwise:
     rows: int | None = None  # rows of the expert-sorted buffers (A when None)
+    align: int = 0  # every group starts on a multiple of this many rows (0: unaligned)
     tokens_E: torch.Tensor | None = None  # int32 real rows per expert (a group also holds its padding)
     ends_E: torch.Tensor | None = None  # int32 row after each expert's last real row (DeepGEMM's "psum" layout)
-    pad_rows_P: torch.Tensor | None = None  # the E * (align - 1) rows to zero: every padding row, then tail rows
+    # [E * (align - 1)] rows to zero: per expert, its padding rows, the unused slots taking distinct tail rows
+    pad_rows_P: torch.Tensor | None = None
 
     @property
     def group_rows_E(self) -> torch.Tensor:
@@ -103,7 +105,7 @@ def _aligned_plan(sorted_expert_A, order_A, positions_A, offsets_E, num_experts,
     valid_A = None
     if may_drop:  # per buffer row: a token routed to an expert (padding, dropped and tail rows are not)
         valid_A = torch.zeros(rows, dtype=torch.bool, device=dev).scatter_(0, row_A, sorted_expert_A < E)
-    return DispatchPlan(order_A, inverse_A, group_ends_E, valid_A, rows=rows, tokens_E=tokens_E.to(torch.int32),
+    return DispatchPlan(order_A, inverse_A, group_ends_E, valid_A, rows=rows, align=align, tokens_E=tokens_E.to(torch.int32),
                         ends_E=(starts_E + tokens_E).to(torch.int32), pad_rows_P=pad_rows_P)
 
 
@@ -118,7 +120,7 @@ class _PermuteTokens(torch.autograd.Function):
     def forward(ctx, x_TD, order_A, inverse_A, top_k, valid_A=None, rows=None, pad_rows_P=None):
         ctx.save_for_backward(inverse_A, valid_A)
         ctx.top_k = top_k
-        if rows is not None:  # aligned groups: the rows land at their places, padding is zeroed
+        if rows is not None:  # aligned groups: the rows land at their places (always the scatter), padding is zeroed
             return kernels.scatter_rows(x_TD, inverse_A, top_k, rows).index_fill_(0, pad_rows_P, 0)
         if SCATTER["enabled"] and kernels.use_triton(x_TD):
             return kernels.scatter_rows(x_TD, inverse_A, top_k)

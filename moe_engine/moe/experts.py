@@ -186,7 +186,7 @@ def grouped_linear(x_AD: torch.Tensor, w_EOI: torch.Tensor, p: DispatchPlan) -> 
     undefined on the GPU path (they belong to dropped assignments and are masked later). With aligned
     groups (``p.aligned``) the zero padding rows inside groups give zero rows."""
     if _use_grouped_mm(x_AD, w_EOI):
-        if p.aligned and deepgemm_gemm.usable(x_AD, w_EOI):  # deepgemm_gemm.enable(...) was called
+        if p.align == deepgemm_gemm.ALIGN and deepgemm_gemm.usable(x_AD, w_EOI):  # deepgemm_gemm.enable(...) was called
             return deepgemm_gemm.grouped_linear(x_AD, w_EOI, p)
         if cutlass_gemm.usable(x_AD, w_EOI):  # cutlass_gemm.enable(...) was called: the per-shape tuned kernels
             return cutlass_gemm.grouped_linear(x_AD, w_EOI, p.offsets_E)

@@ -97,10 +97,11 @@ def test_the_autograd_function_matches_grouped_mm_on_aligned_groups(deepgemm):
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     y2 = torch.nn.functional.grouped_mm(x2, w2.transpose(-2, -1), offs=p.offsets_E)
     y2.backward(gy)
-    real = p.inverse_A
-    assert torch.equal(y[real], y2[real]) and torch.equal(x.grad[real], x2.grad[real])
-    assert (y[p.pad_rows_P[: 16]] == 0).all() and (x.grad[p.pad_rows_P[: 16]] == 0).all()
-    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+    real, pads = p.inverse_A, p.pad_rows_P[p.pad_rows_P < p.offsets_E[-1]]  # padding rows: inside the groups
+    assert pads.numel() > 0 and torch.equal(y[real], y2[real]) and torch.equal(x.grad[real], x2.grad[real])
+    assert (y[pads] == 0).all() and (x.grad[pads] == 0).all()
+    # F.grouped_mm(gy.t(), x) against autograd's own orientation of the same sums: equal up to rounding
+    torch.testing.assert_close(w.grad.float(), w2.grad.float(), rtol=1.6e-2, atol=1e-5)
 
 
 @needs_deepgemm

@@ -124,3 +124,25 @@ def test_aligned_permute_zeroes_padding_and_its_gradients_equal_the_unaligned_on
     torch.testing.assert_close(out, dispatch.unpermute(y_AD.nan_to_num(0.0), w_A, q, K))
     kept = dispatch.plan(idx_A.clamp(max=E - 1), E, may_drop=False, align=8)  # dropped rows get no gradient
     assert torch.autograd.gradcheck(lambda x: dispatch.permute(x, kept, K)[kept.inverse_A], (x_TD,))
+
+
+def test_aligned_combine_backward_zeroes_the_padding_whatever_the_kernel_left_there(monkeypatch):
+    """Without drops nothing masks the combine's gradient rows: the rows it does not write (NaN here, as an
+    unwritten GPU buffer may hold) must come out zero on the padding, which the weight gradients sum over."""
+    E, K, T = 5, 2, 30
+    idx_A = torch.randint(0, E, (T * K,), generator=torch.Generator().manual_seed(9))
+    p = dispatch.plan(idx_A, E, may_drop=False, align=8)
+    real = dispatch.kernels.combine_backward
+
+    def leaves_nan(g_TD, src_AD, idx_A, w_TK):
+        grad, grad_w = real(g_TD, src_AD, idx_A, w_TK)
+        unwritten = torch.ones(grad.shape[0], dtype=torch.bool)
+        unwritten[idx_A] = False
+        return grad.masked_fill(unwritten[:, None], float("nan")), grad_w
+
+    monkeypatch.setattr(dispatch.kernels, "combine_backward", leaves_nan)
+    y_MD = torch.randn(p.rows, 4, dtype=torch.float64, requires_grad=True)
+    dispatch.unpermute(y_MD, torch.rand(T * K, dtype=torch.float64), p, K).sum().backward()
+    padding = p.pad_rows_P[p.pad_rows_P < p.offsets_E[-1]]
+    assert padding.numel() > 0 and (y_MD.grad[padding] == 0).all()
+    assert torch.isfinite(y_MD.grad[p.inverse_A]).all()
