@@ -58,7 +58,7 @@ class DispatchPlan:
 
     @property
     def aligned(self) -> bool:
-        return self.rows is not None
+        return self.align > 0
 
 
 def sort_key_dtype(num_ids: int) -> torch.dtype:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from moe_engine.moe import cutlass_gemm
 from moe_engine.moe.cutlass_gemm import DGRAD, FWD, SCHEDULES, WGRAD, CutlassUnavailable
 from moe_engine.moe.graphs import MoEGraphs
-from moe_engine.moe.layer import MoEConfig
-from moe_engine.moe.router import RouterConfig
+
+from .layers import gpu_layer
 
 REPO = Path(__file__).resolve().parents[2]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -85,17 +85,11 @@ def test_the_autograd_function_matches_grouped_mm_forward_and_backward(kernels):
     assert cutlass_gemm.choices()  # each shape was tuned once, and what runs is on record
 
 
-def _layer(num_experts, top_k, capacity_factor=None):
-    router = RouterConfig(kind="switch" if capacity_factor else "topk", num_experts=num_experts, top_k=top_k,
-                          aux_loss_coef=0.01, **({"capacity_factor": capacity_factor} if capacity_factor else {}))
-    return MoEConfig(hidden_size=256, ffn_size=512, router=router).build().to("cuda", torch.bfloat16).train()
-
-
 @needs_cutlass
 @pytest.mark.parametrize("experts, top_k, capacity", [(8, 2, None), (64, 8, None), (16, 1, 1.0)])
 def test_the_moe_layer_gives_the_same_bits_with_the_kernels_eager_and_graphed(kernels, experts, top_k, capacity):
     torch.manual_seed(0)
-    base = _layer(experts, top_k, capacity)
+    base = gpu_layer(experts, top_k, capacity)
     x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
 

@@ -15,8 +15,8 @@ import torch
 from moe_engine.moe import deepgemm_gemm, dispatch
 from moe_engine.moe.deepgemm_gemm import DeepGemmUnavailable
 from moe_engine.moe.graphs import MoEGraphs
-from moe_engine.moe.layer import MoEConfig
-from moe_engine.moe.router import RouterConfig
+
+from .layers import gpu_layer
 
 REPO = Path(__file__).resolve().parents[2]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -37,10 +37,12 @@ def test_a_machine_without_the_parts_gets_told_what_is_missing(tmp_path):
     assert not deepgemm_gemm.usable(x, w) and deepgemm_gemm.row_alignment(x, w, w) == 0
 
 
-def _layer(experts, top_k, capacity_factor):
-    router = RouterConfig(kind="switch" if top_k == 1 else "topk", num_experts=experts, top_k=top_k,
-                          aux_loss_coef=0.01, **({"capacity_factor": capacity_factor} if capacity_factor else {}))
-    return MoEConfig(hidden_size=256, ffn_size=512, router=router).build().to("cuda", torch.bfloat16).train()
+def _case(experts, top_k, capacity):
+    """A layer, its input and an output gradient, the same for every run of one case."""
+    torch.manual_seed(0)
+    base = gpu_layer(experts, top_k, capacity)
+    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
+    return base, x, torch.randn_like(x)
 
 
 def _step(layer, x, grad):
@@ -64,10 +66,7 @@ def _same_up_to_weight_gradient_rounding(got, want):
 @cuda
 @pytest.mark.parametrize("experts, top_k, capacity", LAYERS)
 def test_aligned_groups_on_torchs_grouped_gemm_keep_the_layers_results(experts, top_k, capacity, monkeypatch):
-    torch.manual_seed(0)
-    base = _layer(experts, top_k, capacity)
-    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
+    base, x, grad = _case(experts, top_k, capacity)
     plain = _step(copy.deepcopy(base), x, grad)
     monkeypatch.setitem(dispatch.ALIGN, "rows", 128)
     _same_up_to_weight_gradient_rounding(_step(copy.deepcopy(base), x, grad), plain)
@@ -107,10 +106,7 @@ def test_the_autograd_function_matches_grouped_mm_on_aligned_groups(deepgemm):
 @needs_deepgemm
 @pytest.mark.parametrize("experts, top_k, capacity", LAYERS)
 def test_the_moe_layer_keeps_its_results_on_deepgemm_eager_and_graphed(deepgemm, experts, top_k, capacity):
-    torch.manual_seed(0)
-    base = _layer(experts, top_k, capacity)
-    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
+    base, x, grad = _case(experts, top_k, capacity)
     deepgemm_gemm.SWITCH["enabled"] = False
     try:
         plain = _step(copy.deepcopy(base), x, grad)
